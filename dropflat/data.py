@@ -1,0 +1,93 @@
+"""Batches: how dropflat reads a loader and calls a model on a batch.
+
+A loader is any iterable of batches (a ``DataLoader``, a list of tuples).
+By default a batch is ``(inputs, targets)``; ``batch_fn(batch)`` adapts any
+other layout (dicts, extra fields) to that pair. ``inputs`` is passed to the
+model as ``model(x)`` for a tensor, ``model(*x)`` for a tuple/list and
+``model(**x)`` for a dict. The batch's sample count is ``len(targets)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+
+__all__ = ["Batch", "iterate_batches", "call_model", "move"]
+
+
+@dataclass
+class Batch:
+    index: int
+    inputs: Any
+    targets: Any
+    size: int
+
+
+def _default_batch_fn(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"a batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + "; pass batch_fn=lambda batch: (inputs, targets) to adapt other layouts"
+    )
+
+
+def _sample_count(targets) -> int:
+    if isinstance(targets, torch.Tensor):
+        if targets.ndim == 0:
+            raise ValueError("targets must have a batch dimension; got a 0-d tensor")
+        return int(targets.shape[0])
+    if isinstance(targets, dict):
+        return _sample_count(next(iter(targets.values())))
+    if isinstance(targets, (tuple, list)):
+        return _sample_count(targets[0]) if targets and isinstance(targets[0], torch.Tensor) else len(targets)
+    raise TypeError(f"cannot count the samples in targets of type {type(targets).__name__}")
+
+
+def move(obj, device: Optional[torch.device], dtype: Optional[torch.dtype]):
+    """Recursively move tensors to ``device``; floating tensors are also cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        cast = dtype if (dtype is not None and obj.is_floating_point()) else None
+        return obj.to(device=device, dtype=cast) if (device is not None or cast is not None) else obj
+    if isinstance(obj, dict):
+        return {k: move(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(v, device, dtype) for v in obj)
+    return obj
+
+
+def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
+                    device=None, dtype=None) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects; raises a clear error for an empty loader."""
+    if loader is None:
+        raise ValueError("a loader is needed: pass an iterable of (inputs, targets) batches")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    fn = batch_fn or _default_batch_fn
+    count = 0
+    for i, raw in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        inputs, targets = fn(raw)
+        size = _sample_count(targets)
+        if size == 0:
+            continue
+        count += 1
+        yield Batch(i, move(inputs, device, dtype), move(targets, device, dtype), size)
+    if count == 0:
+        raise ValueError("the loader yielded no samples; pass a loader with at least one non-empty batch")
+
+
+def call_model(model: Callable, inputs):
+    """Call ``model`` on ``inputs`` (tensor, tuple/list or dict) and unwrap ``.logits``-style outputs."""
+    if isinstance(inputs, dict):
+        out = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+        out = out.logits
+    return out

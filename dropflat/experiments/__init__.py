@@ -1,0 +1,1 @@
+"""Experiments: end-to-end measurements that write a report (``dropflat demo``)."""

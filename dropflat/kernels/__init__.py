@@ -1,0 +1,93 @@
+"""Compiled (C++/OpenMP, CUDA) and Triton kernels.
+
+Importing this package never fails because the extension is missing: a
+source checkout without a build still imports, :func:`build_info` says why
+the extension is unavailable, and only calling a compiled kernel raises
+(see :func:`load_extension`).
+"""
+import importlib.metadata
+import importlib.util
+
+import torch
+
+try:
+    # Not `from dropflat import _C`: while dropflat/__init__ is still running
+    # that reports a missing module as a "circular import".
+    import dropflat._C as _C
+    _C_IMPORT_ERROR = None
+except ImportError as exc:  # not built, or built for another Python
+    _C = None
+    _C_IMPORT_ERROR = exc
+
+__all__ = ["build_info", "load_extension"]
+
+
+def load_extension():
+    """Return the compiled module ``dropflat._C`` or raise a clear ImportError."""
+    if _C is None:
+        raise ImportError(
+            "dropflat's compiled extension dropflat._C is not available "
+            f"({_C_IMPORT_ERROR}); build it with `pip install .` or, in a "
+            "source checkout, `pip install -e . --no-build-isolation`"
+        ) from _C_IMPORT_ERROR
+    return _C
+
+
+def _triton_version():
+    # Look the package up rather than importing it: importing triton is slow
+    # and this report must stay cheap enough for `import dropflat`.
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_info() -> dict:
+    """Describe what this install can run.
+
+    Keys: ``extension`` (is ``dropflat._C`` importable) and
+    ``extension_error``; ``cpu_kernels``; ``openmp`` and
+    ``openmp_max_threads``; ``compiler``; ``cuda_compiled``,
+    ``cuda_arch_list`` (CMake CUDA_ARCHITECTURES entries), ``cuda_version``
+    (nvcc's) and ``cuda_runtime_error`` (why the module's CUDA runtime cannot
+    start, e.g. no driver; None when it can or CUDA was not compiled);
+    ``triton`` (installed) and ``triton_version``; ``torch``;
+    ``cuda_device`` (torch sees a CUDA device) and ``cuda_device_count``.
+    """
+    triton_version = _triton_version()
+    info = {
+        "extension": _C is not None,
+        "extension_error": None if _C is not None else str(_C_IMPORT_ERROR),
+        "cpu_kernels": [],
+        "openmp": False,
+        "openmp_max_threads": 1,
+        "compiler": None,
+        "cuda_compiled": False,
+        "cuda_arch_list": [],
+        "cuda_version": None,
+        "cuda_runtime_error": None,
+        "triton": triton_version is not None,
+        "triton_version": triton_version,
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.is_available(),
+        "cuda_device_count": torch.cuda.device_count(),
+    }
+    if _C is None:
+        return info
+    info.update(
+        cpu_kernels=sorted(name[: -len("_cpu")] for name in dir(_C) if name.endswith("_cpu")),
+        openmp=bool(_C.openmp),
+        openmp_max_threads=_C.openmp_max_threads(),
+        compiler=_C.compiler,
+        cuda_compiled=bool(_C.has_cuda),
+        cuda_arch_list=[a for a in _C.cuda_arch_list.split(",") if a],
+        cuda_version=_C.cuda_version or None,
+    )
+    if _C.has_cuda:
+        try:
+            _C.cuda_device_count()
+        except RuntimeError as exc:
+            info["cuda_runtime_error"] = str(exc)
+    return info

@@ -1,0 +1,100 @@
+"""Flat parameter vectors.
+
+Every operator in dropflat acts on flat vectors of length ``P``: the model's
+trainable parameters in ``model.named_parameters()`` order, each flattened
+row-major and concatenated. :func:`flatten` and :func:`unflatten` convert
+between that layout and per-parameter tensors.
+
+>>> import torch
+>>> lin = torch.nn.Linear(3, 2)
+>>> names = [name for name, _ in select_parameters(lin)]
+>>> names
+['weight', 'bias']
+>>> v = flatten(lin.parameters())
+>>> v.shape
+torch.Size([8])
+>>> [tuple(t.shape) for t in unflatten(v, lin.parameters())]
+[(2, 3), (2,)]
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["flatten", "unflatten", "select_parameters", "num_parameters"]
+
+ParamSpec = Optional[Union[Iterable[str], Iterable[torch.Tensor]]]
+
+
+def select_parameters(model: nn.Module, params: ParamSpec = None) -> List[Tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs an operator differentiates with respect to.
+
+    ``params=None`` takes every parameter with ``requires_grad=True``;
+    otherwise ``params`` lists parameter names or the parameter tensors
+    themselves. Order always follows ``model.named_parameters()``, so flat
+    vectors mean the same thing whatever order the caller listed them in.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "the model has no trainable parameters (every parameter has requires_grad=False); "
+                "unfreeze some, or pass params=[...] naming the parameters to differentiate"
+            )
+        return chosen
+    wanted = list(params)
+    if not wanted:
+        raise ValueError("params=[] selects no parameters; pass None for all trainable parameters")
+    if all(isinstance(w, str) for w in wanted):
+        known = {n for n, _ in named}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise ValueError(f"params names {unknown} are not parameters of the model; known: {sorted(known)}")
+        keep = set(wanted)
+        return [(n, p) for n, p in named if n in keep]
+    if all(isinstance(w, torch.Tensor) for w in wanted):
+        ids = {id(w) for w in wanted}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+        if len(chosen) != len(ids):
+            raise ValueError("some tensors in params=[...] are not parameters of the model")
+        return chosen
+    raise TypeError("params must be None, a list of parameter names, or a list of parameter tensors")
+
+
+def num_parameters(tensors: Iterable[torch.Tensor]) -> int:
+    """Total number of elements, ``P``."""
+    return sum(t.numel() for t in tensors)
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (row-major per tensor).
+
+    Tensors of shape ``[*p.shape, k]`` (a trailing column dimension, as produced
+    by batched products) flatten to ``[P, k]``.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("flatten() got no tensors")
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Split a flat ``[P]`` vector (or ``[P, k]`` block) into views shaped like ``like`` (tensors or shapes).
+
+    A ``[P, k]`` block gives tensors of shape ``[*p.shape, k]``.
+    """
+    shapes = [t.shape if isinstance(t, torch.Tensor) else torch.Size(t) for t in like]
+    total = sum(int(torch.Size(s).numel()) for s in shapes)
+    if vector.shape[0] != total:
+        raise ValueError(f"vector has {vector.shape[0]} entries but the parameters have {total}")
+    trailing = tuple(vector.shape[1:])
+    out, start = [], 0
+    for s in shapes:
+        n = int(torch.Size(s).numel())
+        out.append(vector[start:start + n].reshape(*s, *trailing))
+        start += n
+    return out
+

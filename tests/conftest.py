@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def fresh_seed():
+    """A seed drawn fresh each run (printed on failure through the test id's captured output)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"fresh seed: {seed}")
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, torch.get_num_threads()))

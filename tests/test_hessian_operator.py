@@ -1,0 +1,128 @@
+"""HessianOperator against dense float64 Hessians from torch.autograd.functional.hessian."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dropflat
+from families import FAMILIES, dense_hessian, make_case
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matmat_matches_dense_float64(family, fresh_seed):
+    model, loader = make_case(family, fresh_seed)
+    H_ref = dense_hessian(model, loader)
+    H = dropflat.HessianOperator(model, loader)
+    P = H.shape[0]
+    assert H.shape == H_ref.shape == (P, P)
+    V = torch.randn(P, 5, dtype=torch.float64)
+    # float64 throughout: only summation order differs, so agreement to ~1e-12 is expected.
+    assert rel(H.matmat(V), H_ref @ V) < 1e-10
+    assert rel(H @ V[:, 0], H_ref @ V[:, 0]) < 1e-10
+    assert rel(H.matvec(V[:, 1]), H_ref @ V[:, 1]) < 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matmat_float32_model(family, fresh_seed):
+    model, loader = make_case(family, fresh_seed, dtype=torch.float32)
+    H_ref = dense_hessian(model, loader)  # float64 Hessian at the float32 parameters
+    H = dropflat.HessianOperator(model, loader)
+    assert H.dtype == torch.float32
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    # float32 products over a few hundred terms: relative error ~ sqrt(terms) * 6e-8, well under 1e-5.
+    assert rel(H.matmat(V).double(), H_ref @ V) < 1e-5
+
+
+def test_float32_model_evaluated_in_float64(fresh_seed):
+    model, loader = make_case("cnn", fresh_seed, dtype=torch.float32)
+    H_ref = dense_hessian(model, loader)
+    H = dropflat.HessianOperator(model, loader, dtype=torch.float64)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert rel(H @ V, H_ref @ V) < 1e-10
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_batchnorm_batch_statistics(fresh_seed):
+    model, loader = make_case("cnn", fresh_seed)
+    H_ref = dense_hessian(model, loader, batchnorm="batch")
+    H = dropflat.HessianOperator(model, loader, batchnorm="batch")
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert rel(H @ V, H_ref @ V) < 1e-10
+    assert rel(H_ref, dense_hessian(model, loader)) > 1e-3  # the two modes really differ
+
+
+def test_uneven_batches_weighted_by_size(fresh_seed):
+    """Same samples, different batching: same Hessian (mean over samples, not of batch means)."""
+    model, loader = make_case("mlp-tanh", fresh_seed, n=23, batch=8)
+    X = torch.cat([x for x, _ in loader]); Y = torch.cat([y for _, y in loader])
+    one_batch = [(X, Y)]
+    ragged = [(X[:1], Y[:1]), (X[1:20], Y[1:20]), (X[20:], Y[20:])]
+    V = torch.randn(dropflat.HessianOperator(model, loader).shape[0], 3, dtype=torch.float64)
+    ref = dropflat.HessianOperator(model, one_batch) @ V
+    assert rel(dropflat.HessianOperator(model, loader) @ V, ref) < 1e-12
+    assert rel(dropflat.HessianOperator(model, ragged) @ V, ref) < 1e-12
+
+
+def test_mse_loss_and_params_subset(fresh_seed):
+    torch.manual_seed(fresh_seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    X, Y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    loader = [(X[:6], Y[:6]), (X[6:], Y[6:])]
+    H_full = dense_hessian(model, loader, loss_fn=F.mse_loss)
+    H = dropflat.HessianOperator(model, loader, F.mse_loss, params=["2.weight", "2.bias"])
+    # the last layer's block is the trailing 12 x 12 corner of the full Hessian
+    assert H.shape == (12, 12)
+    assert rel(H.to_dense(), H_full[-12:, -12:]) < 1e-12
+    model[0].weight.requires_grad_(False)
+    H2 = dropflat.HessianOperator(model, loader, F.mse_loss)
+    assert H2.shape[0] == sum(p.numel() for p in model.parameters()) - 20
+
+
+def test_batch_fn_adapts_dict_batches(fresh_seed):
+    model, loader = make_case("mlp-relu", fresh_seed)
+    dict_loader = [{"features": x, "label": y} for x, y in loader]
+    H1 = dropflat.HessianOperator(model, loader)
+    H2 = dropflat.HessianOperator(model, dict_loader, batch_fn=lambda b: (b["features"], b["label"]))
+    V = torch.randn(H1.shape[0], 2, dtype=torch.float64)
+    assert torch.equal(H1 @ V, H2 @ V)
+
+
+def test_to_scipy_eigsh_matches_dense(fresh_seed):
+    from scipy.sparse.linalg import eigsh
+
+    model, loader = make_case("mlp-gelu", fresh_seed)
+    H_ref = dense_hessian(model, loader).numpy()
+    A = dropflat.HessianOperator(model, loader).to_scipy()
+    assert A.shape == H_ref.shape
+    x = np.random.default_rng(fresh_seed).standard_normal(A.shape[0])
+    np.testing.assert_allclose(A @ x, H_ref @ x, rtol=1e-10, atol=1e-12 * np.abs(H_ref @ x).max())
+    vals = eigsh(A, k=2, which="LA", tol=1e-10, return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(vals), np.linalg.eigvalsh(H_ref)[-2:], rtol=1e-8)
+
+
+def test_loss_and_gradient_match_autograd(fresh_seed):
+    model, loader = make_case("cnn", fresh_seed)
+    loss, grad = dropflat.HessianOperator(model, loader).loss_and_gradient()
+    ref = __import__("copy").deepcopy(model).eval()
+    N = sum(len(y) for _, y in loader)
+    total = sum(len(y) * F.cross_entropy(ref(x), y) for x, y in loader) / N
+    g = torch.autograd.grad(total, list(ref.parameters()))
+    assert abs(loss - total.item()) < 1e-12
+    assert rel(grad, dropflat.flatten(g)) < 1e-12
+
+
+def test_flatten_unflatten_roundtrip(fresh_seed):
+    model, _ = make_case("cnn", fresh_seed)
+    ps = list(model.parameters())
+    flat = dropflat.flatten(ps)
+    assert flat.shape == (sum(p.numel() for p in ps),)
+    for a, b in zip(dropflat.unflatten(flat, ps), ps):
+        assert torch.equal(a, b)
+    block = torch.stack([flat, 2 * flat], dim=1)
+    for a, b in zip(dropflat.unflatten(block, ps), ps):
+        assert torch.equal(a[..., 1], 2 * b)
