@@ -18,10 +18,11 @@ __all__ = ["Batch", "iterate_batches", "call_model", "move"]
 
 @dataclass
 class Batch:
-    index: int
+    index: int       # position in the loader
     inputs: Any
     targets: Any
-    size: int
+    size: int        # number of samples
+    offset: int      # global index of the first sample (samples before this batch)
 
 
 def _default_batch_fn(batch):
@@ -66,7 +67,7 @@ def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_b
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     fn = batch_fn or _default_batch_fn
-    count = 0
+    count, offset = 0, 0
     for i, raw in enumerate(loader):
         if num_batches is not None and i >= num_batches:
             break
@@ -75,7 +76,8 @@ def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_b
         if size == 0:
             continue
         count += 1
-        yield Batch(i, move(inputs, device, dtype), move(targets, device, dtype), size)
+        yield Batch(i, move(inputs, device, dtype), move(targets, device, dtype), size, offset)
+        offset += size
     if count == 0:
         raise ValueError("the loader yielded no samples; pass a loader with at least one non-empty batch")
 

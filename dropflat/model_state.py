@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["preserved", "set_modes", "check_modes", "is_batchnorm", "DROPOUT_MODES", "BATCHNORM_MODES"]
 
-DROPOUT_MODES = ("off",)
+DROPOUT_MODES = ("off", "fixed", "mean")
 BATCHNORM_MODES = ("eval", "batch")
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -52,13 +52,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
 def set_modes(model: nn.Module, dropout: str, batchnorm: str) -> None:
     """Put every module in the evaluation mode an operator asks for (call inside :func:`preserved`).
 
-    ``dropout="off"``: every module but BatchNorm in eval mode. ``batchnorm="eval"``
+    ``dropout="off"``: every module but BatchNorm in eval mode; otherwise in train
+    mode, so that dropout call sites run (with replayable masks, see
+    :mod:`dropflat.noise.takeover`). ``batchnorm="eval"``
     normalises with running statistics, ``"batch"`` with the batch's own statistics
     (the running statistics are then updated only on dropflat's copies).
     """
     check_modes(dropout, batchnorm)
     for m in model.modules():
-        m.training = (batchnorm == "batch") if is_batchnorm(m) else False
+        m.training = (batchnorm == "batch") if is_batchnorm(m) else (dropout != "off")
 
 
 def check_modes(dropout: str, batchnorm: str) -> None:

@@ -6,9 +6,9 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from .base import DenseOperator, LinearOperator, as_operator
-from .hessian import HessianOperator, ModelLoss
+from .hessian import HessianOperator
 
-__all__ = ["LinearOperator", "DenseOperator", "HessianOperator", "ModelLoss", "as_operator", "operator_for"]
+__all__ = ["LinearOperator", "DenseOperator", "HessianOperator", "as_operator", "operator_for"]
 
 
 def operator_for(model_or_op, loader: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,

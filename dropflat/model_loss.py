@@ -1,0 +1,169 @@
+"""The data side of every model-based operator: a model's loss over a loader, evaluated safely.
+
+:class:`ModelLoss` owns parameter selection, dtype/device placement, train/eval
+modes, replayable dropout masks, the sample-weighted mean over batches, and
+the checks on each batch's loss. Operators (Hessian, dropout noise) only say
+what to compute per batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .data import Batch, call_model, iterate_batches
+from .model_state import check_modes, preserved, set_modes
+from .noise.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
+from .params import ParamSpec, flatten, select_parameters
+from .progress import progress_bar
+
+__all__ = ["ModelLoss", "flat_grads"]
+
+
+class ModelLoss:
+    """Evaluates a model's loss on the batches of a loader without touching the model.
+
+    Dropout: ``"off"`` evaluates with dropout disabled; ``"fixed"`` with the one
+    replayable mask ``mask_index`` of ``mask_seed``; ``"mean"`` averages over the
+    masks ``0 .. num_masks-1``. ``masks`` picks the regime, ``"per_sample"``
+    (PyTorch's) or ``"shared"`` (see :mod:`dropflat.noise.masks`).
+    """
+
+    def __init__(self, model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
+                 params: ParamSpec = None, dropout: str = "off", batchnorm: str = "eval",
+                 num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+                 batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
+                 mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if loader is None:
+            raise ValueError("a loader is needed: pass an iterable of (inputs, targets) batches")
+        self.model = model
+        self.loader = loader
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.named_params = select_parameters(model, params)
+        self.dropout, self.batchnorm = dropout, batchnorm
+        check_modes(dropout, batchnorm)  # fail now, not at the first product
+        self.num_batches = num_batches
+        first = self.named_params[0][1]
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
+        self.batch_fn = batch_fn
+        self.progress = progress
+        self.num_params = sum(p.numel() for _, p in self.named_params)
+        self.num_samples: Optional[int] = None  # known after the first pass
+        if num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1, got {num_masks}")
+        self.mask_seed, self.masks = int(mask_seed), masks
+        MaskSource(self.mask_seed, 0, masks, 0, 1)  # validates the regime now
+        # The masks whose losses are averaged on every batch (None: dropout off).
+        self.mask_indices: Sequence[Optional[int]] = {
+            "off": [None], "fixed": [int(mask_index)], "mean": list(range(num_masks))}[dropout]
+
+    @property
+    def param_shapes(self) -> List[torch.Size]:
+        return [p.shape for _, p in self.named_params]
+
+    def _state(self) -> Tuple[List[torch.Tensor], dict]:
+        """Differentiable leaves for the selected parameters, plus the rest of the model's state.
+
+        Aliases the model's storage when no cast is needed: nothing here writes
+        in place, and BatchNorm in batch mode gets cloned buffers to update.
+        """
+        chosen = {n for n, _ in self.named_params}
+        leaves, state = [], {}
+        for name, p in self.model.named_parameters():
+            t = self._place(p.detach())
+            if name in chosen:
+                t = t.requires_grad_(True)
+                leaves.append(t)
+            state[name] = t
+        for name, b in self.model.named_buffers():
+            t = self._place(b.detach())
+            state[name] = t.clone() if self.batchnorm == "batch" else t
+        return leaves, state
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None)
+
+    def batches(self, desc: str = "batches") -> Iterable[Batch]:
+        it = iterate_batches(self.loader, self.batch_fn, self.num_batches, self.device, self.dtype)
+        return progress_bar(it, enabled=self.progress, desc=desc, unit="batch")
+
+    def batch_loss(self, state: dict, batch: Batch, mask_index: Optional[int] = None) -> torch.Tensor:
+        """The loss function's value on one batch (under one dropout mask), checked to be a finite scalar."""
+        forward = lambda *a, **k: functional_call(self.model, state, a, k)  # noqa: E731
+        if mask_index is None:
+            out = call_model(forward, batch.inputs)
+        else:
+            source = MaskSource(self.mask_seed, mask_index, self.masks, batch.offset, batch.size)
+            with replay_dropout(source):
+                out = call_model(forward, batch.inputs)
+            if source.sites == 0:
+                raise NoDropoutError(no_dropout_message(self.model))
+        loss = self.loss_fn(out, batch.targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss of the batch), got {shape} on batch "
+                f"{batch.index}; use reduction='mean'"
+            )
+        loss = loss.reshape(())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {loss.item()} on batch {batch.index}; check that batch's inputs and targets "
+                "and the model's parameters for NaN/inf"
+            )
+        return loss
+
+    def evaluate(self, per_batch: Callable[[dict, List[torch.Tensor], Batch], None], desc: str) -> int:
+        """Run ``per_batch(state, leaves, batch)`` over the loader with the model's modes set; return N."""
+        total = 0
+        with preserved(self.model), _twice_differentiable_attention():
+            set_modes(self.model, self.dropout, self.batchnorm)
+            leaves, state = self._state()
+            with torch.enable_grad():
+                for batch in self.batches(desc):
+                    per_batch(state, leaves, batch)
+                    total += batch.size
+        self.num_samples = total
+        return total
+
+    def loss_and_gradient(self) -> Tuple[float, torch.Tensor]:
+        """The data-set mean loss and its gradient (flat, in this object's dtype)."""
+        grad = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def step(state, leaves, batch):
+            nonlocal loss_sum
+            for m in self.mask_indices:
+                loss = self.batch_loss(state, batch, m)
+                g = torch.autograd.grad(loss, leaves, allow_unused=True)
+                weight = batch.size / len(self.mask_indices)
+                grad.add_(flat_grads(g, leaves), alpha=weight)
+                loss_sum = loss_sum + weight * loss.detach().double()
+
+        n = self.evaluate(step, "gradient")
+        return float(loss_sum) / n, grad / n
+
+
+def _twice_differentiable_attention():
+    """Route ``scaled_dot_product_attention`` to its composite math kernel.
+
+    The fused CPU/CUDA attention kernels (flash, memory-efficient, cuDNN) have no
+    derivative of their backward, so curvature through attention needs the
+    math path, which autograd differentiates like any other composite op.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def flat_grads(parts, like) -> torch.Tensor:
+    """Flatten autograd results, with zeros for parameters the loss does not depend on."""
+    return flatten(torch.zeros_like(t) if g is None else g for g, t in zip(parts, like))

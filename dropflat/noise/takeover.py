@@ -1,0 +1,150 @@
+"""Take over every dropout call site of an unmodified model with replayable masks.
+
+Inside :func:`replay_dropout`, ``F.dropout``, ``F.dropout1d/2d/3d`` and
+``F.scaled_dot_product_attention(dropout_p > 0)`` draw their masks from
+:mod:`dropflat.noise.masks` instead of the global RNG. That covers
+``nn.Dropout*`` modules, functional calls in user code, and attention dropout
+inside ``nn.MultiheadAttention`` / ``nn.Transformer*`` (which call the same
+functions). Call sites are numbered in the order they run in one forward pass,
+so a mask is identified by (seed, mask index, call-site number, element).
+
+The functions are swapped on the ``torch.nn.functional`` module for the
+duration of the context (restored on exit, exceptions included): a torch
+function mode would not see the dropout that ``multi_head_attention_forward``
+calls internally. Only one replay context may be active at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .masks import REGIMES, keep_mask, mask_key
+
+__all__ = ["MaskSource", "replay_dropout", "NoDropoutError", "no_dropout_message"]
+
+_LOCK = threading.Lock()
+
+
+class NoDropoutError(ValueError):
+    """Dropout noise or a dropout-mode Hessian was asked of a model that never calls dropout."""
+
+
+@dataclass
+class MaskSource:
+    """Where the masks of one forward pass come from."""
+
+    seed: int
+    mask_index: int
+    regime: str
+    sample_offset: int      # global index of the batch's first sample
+    batch_size: int
+    sites: int = field(default=0)
+
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ValueError(f"masks must be one of {REGIMES}, got {self.regime!r}")
+
+    def keep(self, shape, q: float, device) -> torch.Tensor:
+        key = mask_key(self.seed, self.mask_index, self.sites)
+        self.sites += 1
+        return keep_mask(shape, q, key, self.sample_offset, self.regime, device=device, batch_size=self._batch(shape))
+
+    def _batch(self, shape) -> int:
+        if shape and shape[0] % self.batch_size == 0:
+            return self.batch_size
+        raise ValueError(
+            f"dropout call site {self.sites - 1} got a tensor of shape {tuple(shape)} whose first dimension is not "
+            f"a multiple of the batch size {self.batch_size}; replayable masks need sample-major tensors "
+            "(use batch_first=True in attention and transformer layers)"
+        )
+
+
+def _scaled(x: torch.Tensor, keep: torch.Tensor, q: float) -> torch.Tensor:
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - q))
+
+
+def _check_p(p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
+
+
+@contextlib.contextmanager
+def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
+    """Route the model's dropout through ``source``'s replayable masks for the duration."""
+    original = {name: getattr(F, name) for name in
+                ("dropout", "dropout1d", "dropout2d", "dropout3d", "scaled_dot_product_attention",
+                 "alpha_dropout", "feature_alpha_dropout")}
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        p = _check_p(p)
+        if not training or p == 0.0:
+            return input
+        if p == 1.0:
+            return input * 0.0
+        return _scaled(input, source.keep(input.shape, p, input.device), p)
+
+    def channel_dropout(dims):
+        def fn(input, p=0.5, training=True, inplace=False):
+            p = _check_p(p)
+            if not training or p == 0.0:
+                return input
+            if input.dim() != dims + 2:
+                raise ValueError(f"dropout{dims}d under replayable masks needs batched input of {dims + 2} dimensions, "
+                                 f"got shape {tuple(input.shape)}")
+            keep = source.keep(input.shape[:2], p, input.device)
+            return _scaled(input, keep.reshape(*input.shape[:2], *([1] * dims)), p)
+        return fn
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if dropout_p == 0.0:
+            return original["scaled_dot_product_attention"](query, key, value, attn_mask=attn_mask, dropout_p=0.0,
+                                                            is_causal=is_causal, scale=scale, **kwargs)
+        if kwargs.get("enable_gqa") and key.size(-3) != query.size(-3):
+            rep = query.size(-3) // key.size(-3)
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        # The math form of attention, so the dropout on its weights can take our mask.
+        scores = (query @ key.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(query.size(-1)))
+        if is_causal:
+            L, S = query.size(-2), key.size(-2)
+            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        weights = torch.softmax(scores, dim=-1)
+        return dropout(weights, dropout_p) @ value
+
+    def unsupported(name):
+        def fn(input, p=0.5, training=False, inplace=False):
+            if training and p > 0:
+                raise NotImplementedError(f"F.{name} is not supported under replayable dropout masks; "
+                                          "use nn.Dropout, or dropout='off'")
+            return input
+        return fn
+
+    replacements = {"dropout": dropout, "dropout1d": channel_dropout(1), "dropout2d": channel_dropout(2),
+                    "dropout3d": channel_dropout(3), "scaled_dot_product_attention": sdpa,
+                    "alpha_dropout": unsupported("alpha_dropout"),
+                    "feature_alpha_dropout": unsupported("feature_alpha_dropout")}
+    if not _LOCK.acquire(blocking=False):
+        raise RuntimeError("replay_dropout contexts cannot be nested or used from two threads at once")
+    try:
+        for name, fn in replacements.items():
+            setattr(F, name, fn)
+        yield source
+    finally:
+        for name, fn in original.items():
+            setattr(F, name, fn)
+        _LOCK.release()
+
+
+def no_dropout_message(model) -> str:
+    return (f"{type(model).__name__} made no dropout call with p > 0 in training mode, so there is no dropout noise "
+            "to model; add nn.Dropout layers (or dropout_p to attention), or use dropout='off'")
+
