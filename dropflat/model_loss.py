@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from .data import Batch, call_model, iterate_batches
 from .model_state import check_modes, preserved, set_modes
-from .noise.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
+from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
 
@@ -29,7 +29,7 @@ class ModelLoss:
     Dropout: ``"off"`` evaluates with dropout disabled; ``"fixed"`` with the one
     replayable mask ``mask_index`` of ``mask_seed``; ``"mean"`` averages over the
     masks ``0 .. num_masks-1``. ``masks`` picks the regime, ``"per_sample"``
-    (PyTorch's) or ``"shared"`` (see :mod:`dropflat.noise.masks`).
+    (PyTorch's) or ``"shared"`` (see :mod:`dropflat.dropout.masks`).
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,

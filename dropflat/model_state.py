@@ -54,7 +54,7 @@ def set_modes(model: nn.Module, dropout: str, batchnorm: str) -> None:
 
     ``dropout="off"``: every module but BatchNorm in eval mode; otherwise in train
     mode, so that dropout call sites run (with replayable masks, see
-    :mod:`dropflat.noise.takeover`). ``batchnorm="eval"``
+    :mod:`dropflat.dropout.takeover`). ``batchnorm="eval"``
     normalises with running statistics, ``"batch"`` with the batch's own statistics
     (the running statistics are then updated only on dropflat's copies).
     """

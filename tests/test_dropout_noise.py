@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 import dropflat
-from dropflat.noise import NoDropoutError, keep_mask, mask_key
+from dropflat.dropout import NoDropoutError, keep_mask, mask_key
 from dropflat.noise.covariance import dropout_noise, NoiseCovariance
 from families import dense_hessian, make_case
 
@@ -203,3 +203,41 @@ def test_keep_fraction(fresh_seed):
     assert abs(frac - (1 - q)) < 5 * np.sqrt(q * (1 - q) / 1e6)
     shared = keep_mask((7, 50), q, mask_key(fresh_seed, 0, 0), 123, "shared")
     assert bool((shared == shared[0]).all())
+
+
+def test_alignment_matches_dense(fresh_seed):
+    """Cosine, null moments, projected variances and overlap against dense float64 linear algebra."""
+    model, X, y, q = two_layer(fresh_seed % 10_000, d=4, m=6, n=10)
+    loader = [(X[:6], y[:6]), (X[6:], y[6:])]
+    H = dropflat.HessianOperator(model, loader, half_mse)
+    C = dropout_noise(model, loader, half_mse, num_masks=40, seed=fresh_seed)
+    P = H.shape[0]
+    res = dropflat.alignment(H, C, k=4, num_matvecs=3 * P, seed=fresh_seed)  # Hutch++ exact at 3P products
+    Hd, Cd = H.to_dense(), C.to_dense()
+    cos = float(torch.trace(Hd @ Cd) / (Hd.norm() * Cd.norm()))
+    assert res.cosine == pytest.approx(cos, rel=1e-9)
+    assert res.trace_hc == pytest.approx(float(torch.trace(Hd @ Cd)), rel=1e-10)
+    # null moments: the exact Haar formula, checked against sampled random rotations
+    from scipy.stats import ortho_group
+    Q = torch.from_numpy(ortho_group.rvs(P, size=4000, random_state=fresh_seed % 2**31))
+    null = torch.einsum("ij,sjk,kl,sil->s", Hd, Q, Cd, Q) / (Hd.norm() * Cd.norm())
+    assert abs(res.null_mean - float(null.mean())) < 5 * float(null.std()) / np.sqrt(4000)
+    assert res.null_std == pytest.approx(float(null.std()), rel=0.1)
+    w, U = torch.linalg.eigh(Hd)
+    np.testing.assert_allclose(res.hessian_eigenvalues.numpy(), w.flip(0)[:4].numpy(), rtol=1e-3)
+    top = U.flip(1)[:, :4]
+    np.testing.assert_allclose(res.projected_variance.numpy(), torch.einsum("pi,pq,qi->i", top, Cd, top).numpy(),
+                               rtol=2e-3, atol=1e-12)
+    assert 0.0 <= res.subspace_overlap <= 1.0 + 1e-9
+    d = res.to_dict()
+    assert set(["cosine", "null_mean", "null_std", "slope", "slope_ci"]) <= set(d)
+
+
+def test_loglog_slope_recovers_power_law(fresh_seed):
+    from dropflat.noise import loglog_slope
+
+    rng = np.random.default_rng(fresh_seed)
+    x = np.geomspace(0.1, 100, 30)
+    y = 2.0 * x ** 1.5 * np.exp(0.05 * rng.standard_normal(30))
+    slope, (lo, hi) = loglog_slope(x, y, seed=fresh_seed)
+    assert lo <= slope <= hi and abs(slope - 1.5) < 0.05 and lo < 1.5 < hi + 0.02

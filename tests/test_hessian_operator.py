@@ -126,3 +126,28 @@ def test_flatten_unflatten_roundtrip(fresh_seed):
     block = torch.stack([flat, 2 * flat], dim=1)
     for a, b in zip(dropflat.unflatten(block, ps), ps):
         assert torch.equal(a[..., 1], 2 * b)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_retained_graphs_give_same_products(budget, fresh_seed):
+    """Inside retained() the first product keeps each batch's graph; later ones skip the forward pass."""
+    model, loader = make_case("cnn", fresh_seed)
+    calls = {"n": 0}
+
+    def counting_loss(out, y):
+        calls["n"] += 1
+        return F.cross_entropy(out, y)
+
+    H = dropflat.HessianOperator(model, loader, counting_loss)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    plain = H @ V
+    with H.retained(max_memory=budget):
+        first = H @ V
+        calls["n"] = 0
+        second = H @ V[:, :2]
+    assert rel(first, plain) < 1e-12 and rel(second, plain[:, :2]) < 1e-12
+    # a 1-byte budget cannot hold the graphs: every product runs the forward pass again
+    assert calls["n"] == (len(loader) if budget == 1 else 0)
+    calls["n"] = 0
+    H @ V  # outside the context nothing is retained
+    assert calls["n"] == len(loader)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..operators import operator_for
+from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Density
 from .krylov import KrylovBasis, random_vectors
@@ -59,7 +59,7 @@ def spectral_density(model_or_op, loader: Optional[Iterable] = None, *, loss_fn:
     weights = np.zeros((num_runs, steps))
     n_matvecs = 0
     bar = progress_bar(total=num_runs * steps, enabled=resolve_progress(progress), desc="SLQ", unit="matvec")
-    with bar:
+    with bar, reuse_passes(op):
         for r in range(num_runs):
             start = random_vectors((P,), seed + 7919 * r, op.dtype, op.device)
             basis = KrylovBasis(op, steps, start, seed=seed + 7919 * r)

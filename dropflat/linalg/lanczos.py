@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..operators import operator_for
+from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Spectrum
 from .krylov import KrylovBasis, random_vectors
@@ -45,7 +45,7 @@ def _thresholds(theta: np.ndarray, tol: float, dtype: torch.dtype) -> np.ndarray
 def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss_fn: Optional[Callable] = None,
             which: str = "largest", tol: float = 1e-3, max_iter: Optional[int] = None, ncv: Optional[int] = None,
             eigenvectors: bool = False, seed: int = 0, progress: Optional[bool] = None,
-            **operator_kwargs) -> Spectrum:
+            reuse: bool = True, **operator_kwargs) -> Spectrum:
     """The ``k`` extreme eigenpairs of a model's Hessian, or of any symmetric operator.
 
     Parameters
@@ -60,6 +60,8 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
     ncv: basis size before a thick restart (default ``max(2k + 1, k + 20)``, at most ``P``).
     eigenvectors: return the unit-norm eigenvectors as ``Tensor[k, P]``.
     seed: seeds the start vector; same seed, same result.
+    reuse: let the operator reuse work across products (a model's Hessian keeps each
+        batch's graph within a memory budget, so products after the first skip the forward pass).
 
     The final residuals are computed explicitly, ``‖A v - λ v‖`` (one more block
     product of ``k`` vectors), so ``converged`` is checked, not assumed.
@@ -83,7 +85,7 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
     bar = progress_bar(total=max_iter, enabled=resolve_progress(progress), desc=f"lanczos top-{k}",
                        unit="matvec")
     keep = min(ncv - 1, k + (ncv - k) // 2)  # Ritz pairs carried over a restart
-    with bar:
+    with bar, reuse_passes(op, reuse):
         while True:
             basis.expand()
             bar.update(1)
@@ -97,13 +99,13 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
                 chosen = _order(theta, which)[:keep]
                 basis.restart(theta[chosen], Y[:, chosen])
 
-    if basis.m < k:
-        raise RuntimeError(f"the Krylov space has dimension {basis.m} < k={k}; raise max_iter")
-    order = wanted[np.argsort(-theta[wanted], kind="stable")]  # report in descending order
-    values = torch.tensor(theta[order], dtype=torch.float64)
-    X = basis.vectors(Y[:, order])  # [P, k]
-    X = X / X.norm(dim=0, keepdim=True)
-    AX = op.matmat(X)
+        if basis.m < k:
+            raise RuntimeError(f"the Krylov space has dimension {basis.m} < k={k}; raise max_iter")
+        order = wanted[np.argsort(-theta[wanted], kind="stable")]  # report in descending order
+        values = torch.tensor(theta[order], dtype=torch.float64)
+        X = basis.vectors(Y[:, order])  # [P, k]
+        X = X / X.norm(dim=0, keepdim=True)
+        AX = op.matmat(X)
     residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
     n_matvecs = basis.n_matvecs + k
     converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])

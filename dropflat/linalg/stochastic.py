@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..operators import operator_for
+from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Estimate
 from .krylov import orthonormalize_against, random_vectors
@@ -53,7 +53,7 @@ def _estimate(op, quantity: str, method: str, num_matvecs: int, seed: int, chunk
     def form(Z, AZ):  # per-column zᵀAz or ‖Az‖²
         return (Z * AZ).sum(0) if quantity == "trace" else (AZ * AZ).sum(0)
 
-    with bar:
+    with bar, reuse_passes(op):
         exact_part, Q = 0.0, None
         n_probe = num_matvecs
         if method == "hutch++":

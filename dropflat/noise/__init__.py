@@ -1,5 +1,5 @@
-"""Dropout noise: replayable masks, their takeover of a model's dropout, and the noise covariance."""
-from .masks import keep_mask, mask_key
-from .takeover import MaskSource, NoDropoutError, replay_dropout
+"""Gradient noise: the dropout-noise and SGD-noise covariances, and their alignment with the Hessian."""
+from .alignment import Alignment, alignment, loglog_slope
+from .covariance import NoiseCovariance, dropout_noise, sgd_noise
 
-__all__ = ["keep_mask", "mask_key", "MaskSource", "NoDropoutError", "replay_dropout"]
+__all__ = ["NoiseCovariance", "dropout_noise", "sgd_noise", "Alignment", "alignment", "loglog_slope"]

@@ -5,10 +5,10 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from .base import DenseOperator, LinearOperator, as_operator
+from .base import DenseOperator, LinearOperator, as_operator, reuse_passes
 from .hessian import HessianOperator
 
-__all__ = ["LinearOperator", "DenseOperator", "HessianOperator", "as_operator", "operator_for"]
+__all__ = ["LinearOperator", "DenseOperator", "HessianOperator", "as_operator", "operator_for", "reuse_passes"]
 
 
 def operator_for(model_or_op, loader: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import contextlib
+
 import numpy as np
 import torch
 
-__all__ = ["LinearOperator", "DenseOperator", "as_operator"]
+__all__ = ["LinearOperator", "DenseOperator", "as_operator", "reuse_passes"]
 
 
 class LinearOperator:
@@ -134,3 +136,14 @@ def as_operator(obj) -> LinearOperator:
     if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
         raise ValueError(f"spectral tools need a square operator, got shape {op.shape}")
     return op
+
+
+def reuse_passes(op: LinearOperator, enabled: bool = True):
+    """Context in which an operator may reuse work across products (a Hessian keeps its graphs).
+
+    Iterative methods apply one fixed operator many times; operators with a
+    ``retained()`` context use it, others are unaffected.
+    """
+    if enabled and hasattr(op, "retained"):
+        return op.retained()
+    return contextlib.nullcontext()

@@ -11,7 +11,10 @@ the mean over samples, not the mean of batch means.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Tuple
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -61,32 +64,120 @@ class HessianOperator(LinearOperator):
         self.shape = (P, P)
         self.dtype = self.loss.dtype
         self.device = self.loss.device
+        self._cache: Optional[_GraphCache] = None
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
         tangents = unflatten(V, self.loss.param_shapes)  # each [*shape, k]
         out = torch.zeros_like(V)
-
-        masks = self.loss.mask_indices
-        weight_per_mask = 1.0 / len(masks)
+        cache = self._cache
+        if cache is not None and cache.complete:
+            for graph in cache.graphs:
+                self._products(graph, tangents, out, keep=True)
+            return out / cache.num_samples
 
         def step(state, leaves, batch):
-            for m in masks:  # one graph at a time: memory of one forward, whatever the number of masks
-                loss = self.loss.batch_loss(state, batch, m)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-                # Parameters whose gradient is constant (or absent) contribute no curvature.
-                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                for j in range(k):
-                    hv = [None] * len(leaves)
-                    if live:
-                        hv = list(torch.autograd.grad([grads[i] for i in live], leaves,
-                                                      grad_outputs=[tangents[i][..., j] for i in live],
-                                                      retain_graph=j < k - 1, allow_unused=True))
-                    out[:, j].add_(flat_grads(hv, leaves), alpha=batch.size * weight_per_mask)
+            for m in self.loss.mask_indices:  # one graph at a time: memory of one forward, whatever the masks
+                keep = cache is not None and cache.accepting
+                graph = self._first_order(state, leaves, batch, m, measure=keep)
+                self._products(graph, tangents, out, keep=keep)
+                if keep:
+                    cache.add(graph)
 
         n = self.loss.evaluate(step, "Hessian products")
+        if cache is not None:
+            cache.finish(n)
         return out / n
+
+    def _first_order(self, state, leaves, batch, mask_index, measure: bool) -> "_FirstOrderGraph":
+        """One batch's loss gradient with its graph (``create_graph``), ready for Hessian-vector products."""
+        saved = [0]
+
+        def pack(t):  # count what the graph keeps alive (views counted in full: an upper bound)
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+        with hooks:
+            loss = self.loss.batch_loss(state, batch, mask_index)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        # Parameters whose gradient is constant (or absent) contribute no curvature.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return _FirstOrderGraph(batch.size / len(self.loss.mask_indices), leaves, grads, live, saved[0])
+
+    @staticmethod
+    def _products(graph: "_FirstOrderGraph", tangents, out: torch.Tensor, keep: bool) -> None:
+        """Accumulate ``weight * H_batch @ V`` column by column on one retained graph."""
+        k = out.shape[1]
+        for j in range(k):
+            hv = [None] * len(graph.leaves)
+            if graph.live:
+                hv = list(torch.autograd.grad([graph.grads[i] for i in graph.live], graph.leaves,
+                                              grad_outputs=[tangents[i][..., j] for i in graph.live],
+                                              retain_graph=keep or j < k - 1, allow_unused=True))
+            out[:, j].add_(flat_grads(hv, graph.leaves), alpha=graph.weight)
+
+    @contextlib.contextmanager
+    def retained(self, max_memory: Optional[int] = None):
+        """Keep every batch's first-order graph between products: later products skip the forward pass.
+
+        Products inside the context then cost only the second backward pass per
+        vector. The graphs stay alive until the context exits; if they would
+        exceed ``max_memory`` bytes (default: a quarter of the free memory of
+        the device), retention stops and products go on without it.
+        The loader must yield the same data on every pass (no shuffling or augmentation).
+        Nested contexts share the outermost one's graphs.
+        """
+        if self._cache is not None:
+            yield self
+            return
+        self._cache = _GraphCache(max_memory if max_memory is not None else _default_budget(self.device))
+        try:
+            yield self
+        finally:
+            self._cache = None
 
     def loss_and_gradient(self) -> Tuple[float, torch.Tensor]:
         """The data-set mean loss and its gradient at the model's parameters."""
         return self.loss.loss_and_gradient()
+
+
+@dataclass
+class _FirstOrderGraph:
+    weight: float               # the batch's sample count over the number of masks averaged
+    leaves: List[torch.Tensor]
+    grads: Tuple[Optional[torch.Tensor], ...]
+    live: List[int]
+    saved_bytes: int
+
+
+@dataclass
+class _GraphCache:
+    budget: int
+    graphs: List[_FirstOrderGraph] = field(default_factory=list)
+    saved_bytes: int = 0
+    accepting: bool = True      # still retaining (within budget)
+    complete: bool = False      # a whole pass is retained: products can run on it alone
+    num_samples: int = 0
+
+    def add(self, graph: _FirstOrderGraph) -> None:
+        self.saved_bytes += graph.saved_bytes
+        if self.saved_bytes > self.budget:
+            self.graphs.clear()  # free them now: the pass goes on unretained
+            self.accepting = False
+        else:
+            self.graphs.append(graph)
+
+    def finish(self, num_samples: int) -> None:
+        self.complete = self.accepting and bool(self.graphs)
+        self.num_samples = num_samples
+
+
+def _default_budget(device: torch.device) -> int:
+    """A quarter of the device's free memory, in bytes."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 2 << 30

@@ -2,7 +2,7 @@
 
 Inside :func:`replay_dropout`, ``F.dropout``, ``F.dropout1d/2d/3d`` and
 ``F.scaled_dot_product_attention(dropout_p > 0)`` draw their masks from
-:mod:`dropflat.noise.masks` instead of the global RNG. That covers
+:mod:`dropflat.dropout.masks` instead of the global RNG. That covers
 ``nn.Dropout*`` modules, functional calls in user code, and attention dropout
 inside ``nn.MultiheadAttention`` / ``nn.Transformer*`` (which call the same
 functions). Call sites are numbered in the order they run in one forward pass,
