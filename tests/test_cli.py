@@ -20,6 +20,10 @@ def test_demo_writes_report(tmp_path, capsys):
         assert len(eig) == 5 and eig == sorted(eig, reverse=True)
         assert 0.0 < run["train_loss"] < 3.0 and 0.0 <= run["test_accuracy"] <= 1.0
         assert run["hessian_trace_stderr"] >= 0
+    a = report["runs"]["dropout"]["alignment"]
+    assert {"cosine", "null_mean", "null_std", "slope", "slope_ci"} <= set(a)
+    assert -1.0 <= a["cosine"] <= 1.0 and a["null_std"] >= 0 and len(a["slope_ci"]) == 2
+    assert "alignment" not in report["runs"]["no_dropout"]
     assert (out / "report.md").read_text().startswith("# dropflat demo")
     assert (out / "density.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg import hessian_trace, lanczos, spectral_density
+from ..noise import alignment, dropout_noise
+from ..operators import HessianOperator
 from ..progress import progress_bar, resolve_progress
 
 __all__ = ["DemoConfig", "run_demo", "load_digits"]
@@ -39,6 +41,8 @@ class DemoConfig:
     batch_size: int = 500      # the loader's batch size for curvature (training is full-batch)
     top_k: int = 5
     trace_matvecs: int = 60
+    num_masks: int = 64        # dropout masks for the noise covariance
+    align_k: int = 10          # Hessian eigenpairs the noise is projected on
     progress: bool = None
 
 
@@ -86,7 +90,7 @@ def train(model: nn.Module, X, y, cfg: DemoConfig, label: str) -> List[float]:
     return losses
 
 
-def measure(model: nn.Module, loader, X_test, y_test, cfg: DemoConfig) -> Dict:
+def measure(model: nn.Module, loader, X_test, y_test, cfg: DemoConfig, with_noise: bool) -> Dict:
     with torch.no_grad():
         model.eval()
         train_loss = sum(len(yb) * F.cross_entropy(model(xb), yb).item() for xb, yb in loader) / sum(
@@ -95,6 +99,16 @@ def measure(model: nn.Module, loader, X_test, y_test, cfg: DemoConfig) -> Dict:
     spec = lanczos(model, loader, k=cfg.top_k, tol=1e-3, seed=cfg.seed, progress=cfg.progress)
     tr = hessian_trace(model, loader, num_matvecs=cfg.trace_matvecs, seed=cfg.seed, progress=cfg.progress)
     dens = spectral_density(model, loader, num_runs=4, num_steps=40, seed=cfg.seed, progress=cfg.progress)
+    extra = {}
+    if with_noise:
+        noise = dropout_noise(model, loader, num_masks=cfg.num_masks, seed=cfg.seed, progress=cfg.progress)
+        al = alignment(HessianOperator(model, loader), noise, k=cfg.align_k, seed=cfg.seed, progress=cfg.progress)
+        extra["alignment"] = {"cosine": al.cosine, "null_mean": al.null_mean, "null_std": al.null_std,
+                              "slope": al.slope, "slope_ci": list(al.slope_ci),
+                              "subspace_overlap": al.subspace_overlap,
+                              "hessian_eigenvalues": al.hessian_eigenvalues.tolist(),
+                              "projected_variance": al.projected_variance.tolist()}
+        extra["noise_top_eigenvalues"] = noise.eigenvalues[:cfg.top_k].tolist()
     return {
         "train_loss": train_loss,
         "test_accuracy": acc,
@@ -104,6 +118,7 @@ def measure(model: nn.Module, loader, X_test, y_test, cfg: DemoConfig) -> Dict:
         "hessian_trace_stderr": tr.stderr,
         "hessian_matvecs": spec.n_matvecs + tr.n_matvecs + dens.n_matvecs,
         "_density": dens,
+        **extra,
     }
 
 
@@ -119,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
         torch.manual_seed(cfg.seed)  # same initialisation for both runs
         model = make_mlp(cfg.hidden, drop).to(device)
         curve = train(model, Xtr, ytr, cfg, label)
-        runs[label] = measure(model, loader, Xte, yte, cfg)
+        runs[label] = measure(model, loader, Xte, yte, cfg, with_noise=drop > 0)
         runs[label]["train_steps"] = len(curve)
         runs[label]["train_curve"] = curve[:: max(1, len(curve) // 100)]
     densities = {k: r.pop("_density") for k, r in runs.items()}
@@ -147,6 +162,10 @@ def summary_rows(report: Dict):
     rows.append(("λ_max (Hessian)", *(f"{r[k]['hessian_top_eigenvalues'][0]:.4g}" for k in ("dropout", "no_dropout"))))
     rows.append(("trace (Hessian)", *(f"{r[k]['hessian_trace']:.4g} ± {r[k]['hessian_trace_stderr']:.2g}"
                                        for k in ("dropout", "no_dropout"))))
+    a = r["dropout"].get("alignment")
+    if a:
+        rows.append(("cos(H, C_dropout)", f"{a['cosine']:.3f} (null {a['null_mean']:.2g} ± {a['null_std']:.1g})", "-"))
+        rows.append(("slope log Var vs log λ", f"{a['slope']:.2f} [{a['slope_ci'][0]:.2f}, {a['slope_ci'][1]:.2f}]", "-"))
     return rows
 
 
@@ -155,10 +174,19 @@ def verdict(report: Dict) -> str:
     flatter_max = d["hessian_top_eigenvalues"][0] < n["hessian_top_eigenvalues"][0]
     flatter_tr = d["hessian_trace"] < n["hessian_trace"]
     if flatter_max and flatter_tr:
-        return "The dropout minimum is flatter: smaller top eigenvalue and smaller trace."
-    if not flatter_max and not flatter_tr:
-        return "Here the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
-    return "Mixed: the two flatness measures disagree on which minimum is flatter."
+        text = "The dropout minimum is flatter: smaller top eigenvalue and smaller trace."
+    elif not flatter_max and not flatter_tr:
+        text = "Here the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
+    else:
+        text = "Mixed: the two flatness measures disagree on which minimum is flatter."
+    a = d.get("alignment")
+    if a:
+        z = (a["cosine"] - a["null_mean"]) / a["null_std"] if a["null_std"] > 0 else float("inf")
+        text += (f" The dropout noise is aligned with the Hessian: cosine {a['cosine']:.3f}, "
+                 f"{z:.3g} null standard deviations above random orientation." if z > 3 else
+                 f" The dropout noise is not clearly aligned with the Hessian (cosine {a['cosine']:.3f}, "
+                 f"{z:.1f} null standard deviations above random orientation).")
+    return text
 
 
 def markdown(report: Dict) -> str:
@@ -180,10 +208,11 @@ def plot(densities, runs, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, d in densities.items():
-        axes[0].plot(d.grid.numpy(), d.density.clamp_min(1e-8).numpy(), label=label.replace("_", " "))
+        axes[0].plot(d.grid.numpy(), d.density.clamp_min(1e-6).numpy(), label=label.replace("_", " "))
     axes[0].set_yscale("log")
+    axes[0].set_ylim(bottom=1e-5)
     axes[0].set_xlabel("eigenvalue")
     axes[0].set_ylabel("density (SLQ)")
     axes[0].set_title("Hessian spectral density")
@@ -192,9 +221,16 @@ def plot(densities, runs, out: Path) -> None:
         axes[1].plot(range(1, len(r["hessian_top_eigenvalues"]) + 1), r["hessian_top_eigenvalues"], "o-",
                      label=label.replace("_", " "))
     axes[1].set_xlabel("index")
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
     axes[1].set_ylabel("eigenvalue")
     axes[1].set_title("top Hessian eigenvalues")
     axes[1].legend()
+    a = runs["dropout"].get("alignment")
+    if a:
+        axes[2].loglog(a["hessian_eigenvalues"], a["projected_variance"], "o")
+        axes[2].set_xlabel("Hessian eigenvalue λ_i")
+        axes[2].set_ylabel("dropout-noise variance v_iᵀ C v_i")
+        axes[2].set_title(f"noise along sharp directions (slope {a['slope']:.2f})")
     fig.tight_layout()
     fig.savefig(out / "density.png", dpi=110)
     plt.close(fig)
