@@ -241,3 +241,33 @@ def test_loglog_slope_recovers_power_law(fresh_seed):
     y = 2.0 * x ** 1.5 * np.exp(0.05 * rng.standard_normal(30))
     slope, (lo, hi) = loglog_slope(x, y, seed=fresh_seed)
     assert lo <= slope <= hi and abs(slope - 1.5) < 0.05 and lo < 1.5 < hi + 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("regime", ["per_sample", "shared"])
+def test_masks_identical_on_cpu_and_gpu(regime, fresh_seed):
+    key = mask_key(fresh_seed, 3, 1)
+    cpu = keep_mask((37, 5, 11), 0.3, key, 12345, regime)
+    gpu = keep_mask((37, 5, 11), 0.3, key, 12345, regime, device="cuda")
+    assert torch.equal(cpu, gpu.cpu())
+
+
+def test_masks_identical_under_triton_interpreter(tmp_path):
+    """The same masks from the Triton kernel (interpreter on the CPU) as from the C++ kernel."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dropflat.dropout import masks\n"
+        "from dropflat.kernels.philox import philox_uniform\n"
+        "masks.philox_uniform = lambda *a, **k: philox_uniform(*a, **{**k, 'backend': 'triton'})\n"
+        "m = masks.keep_mask((9, 70), 0.3, masks.mask_key(5, 2, 1), 77, 'per_sample')\n"
+        "torch.save(m, r'%s')\n" % (tmp_path / "m.pt")
+    )
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    triton_mask = torch.load(tmp_path / "m.pt")
+    assert torch.equal(triton_mask, keep_mask((9, 70), 0.3, mask_key(5, 2, 1), 77, "per_sample"))

@@ -8,6 +8,15 @@
 where :math:`\\ell_b` is the loss function's (mean) value on batch ``b`` of
 :math:`n_b` samples, so an uneven last batch counts by its size: the loss is
 the mean over samples, not the mean of batch means.
+
+A known case: least squares, ``R_S = (1/N) ‖Xw - y‖²``, has ``H = (2/N) XᵀX``.
+
+>>> import torch
+>>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+>>> model = torch.nn.Linear(3, 1, bias=False).double()
+>>> H = HessianOperator(model, [(X[:5], y[:5]), (X[5:], y[5:])], torch.nn.functional.mse_loss)
+>>> torch.allclose(H.to_dense(), 2 * X.T @ X / 8)
+True
 """
 from __future__ import annotations
 
