@@ -7,8 +7,13 @@ on 1024 random samples, a 2-layer Transformer on 256 random sequences; see
 
 * ``gradient``: one gradient pass, ``HessianOperator(...).loss_and_gradient()``
   -- the unit everything else is divided by;
+* ``plain_gradient``: the same gradient pass written out with ``autograd.grad``
+  on the model (no dropflat), to show what the unit itself costs;
 * ``dropflat_matvec``: ``HessianOperator.matvec`` (one vector);
 * ``dropflat_matmat``: ``HessianOperator.matmat`` with k = 8 vectors in one pass;
+* ``dropflat_matvec_retained``: ``matvec`` inside ``HessianOperator.retained()``,
+  where each batch's first-order graph is kept between products (what
+  ``dropflat.lanczos`` does): a product costs the second backward only;
 * ``double_backward``: the textbook Pearlmutter product as PyHessian does it:
   per vector and batch, a forward pass, ``autograd.grad(create_graph=True)``,
   then ``autograd.grad`` of the gradient against the vector (one full pass
@@ -211,6 +216,29 @@ def test_gradient(benchmark, name):
     record(benchmark, s, "gradient", vectors=1, passes=1)
 
 
+def plain_gradient(s: Setup) -> torch.Tensor:
+    """The gradient pass written out: forward and ``autograd.grad`` per batch, on the model itself."""
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    out = [torch.zeros_like(p) for p in params]
+    for w, (x, y) in zip(loss_weights(s), s.loader):
+        g = torch.autograd.grad(F.cross_entropy(s.model(x), y), params)
+        for o, gi in zip(out, g):
+            o.add_(gi, alpha=w)
+    return dropflat.flatten(out)
+
+
+@PROBLEMS
+def test_plain_gradient(benchmark, name):
+    """A gradient pass without dropflat, to show what the unit itself costs."""
+    s = get_setup(name)
+    benchmark.group = f"hvp-{name}"
+    _, g = s.op.loss_and_gradient()
+    err = float((plain_gradient(s) - g).norm() / g.norm())
+    assert err < CHECK_RTOL
+    run(benchmark, s, lambda: plain_gradient(s))
+    record(benchmark, s, "plain_gradient", vectors=1, passes=1, max_rel_diff=err)
+
+
 @PROBLEMS
 def test_dropflat_matvec(benchmark, name):
     s = get_setup(name)
@@ -228,6 +256,25 @@ def test_dropflat_matmat(benchmark, name):
     benchmark.group = f"hvp-{name}"
     run(benchmark, s, lambda: s.op.matmat(s.V))
     record(benchmark, s, f"dropflat_matmat_k{K}", vectors=K, passes=1, max_rel_diff=0.0)
+
+
+@PROBLEMS
+def test_dropflat_matvec_retained(benchmark, name):
+    """``matvec`` inside ``HessianOperator.retained()``: the first-order graphs of every batch are
+    kept between products (as ``dropflat.lanczos`` does), so a product is the second backward only."""
+    s = get_setup(name)
+    if not hasattr(s.op, "retained"):
+        pytest.skip("this dropflat has no HessianOperator.retained()")
+    benchmark.group = f"hvp-{name}"
+    v = s.V[:, 0].contiguous()
+    with s.op.retained():
+        err = rel_diff(s.op.matvec(v), s.reference[:, :1])  # this product fills the retained graphs
+        assert err < CHECK_RTOL
+        run(benchmark, s, lambda: s.op.matvec(v))
+        cache = getattr(s.op, "_cache", None)
+        complete = bool(getattr(cache, "complete", False))
+    record(benchmark, s, "dropflat_matvec_retained", vectors=1, passes=0 if complete else 1, max_rel_diff=err)
+    benchmark.extra_info["graphs_retained"] = complete
 
 
 @PROBLEMS

@@ -30,8 +30,10 @@ REF_TOL below for why not float64). It is cached under ``<repo>/.benchmarks/refe
 of the model's parameters and buffers, the data, and the torch version; set
 ``DROPFLAT_BENCH_NO_CACHE=1`` to recompute. ``extra_info`` holds, per method:
 ``seconds``, ``n_matvecs`` (Hessian-vector products; for dropflat also
-``passes``, the passes over the data, since its final residual check
-multiplies k vectors in one pass), ``max_rel_err`` (max over the top k of
+``passes``, its operator calls: its final residual check multiplies k
+vectors in one call, and with its retained first-order graphs only the
+first call is a forward pass over the data), ``seconds_per_pass`` (seconds
+over operator calls, or over products for the peers), ``max_rel_err`` (max over the top k of
 ``|λ_i - λ_i^ref| / |λ_i^ref|``, both sorted descending), and for the peers
 ``speed_ratio_vs_dropflat`` (peer seconds / dropflat seconds at the same k,
 from the same run).
@@ -142,6 +144,7 @@ def record(benchmark, k: int, method: str, values, n_matvecs: int, **more):
     if getattr(benchmark, "stats", None) is not None:
         seconds = benchmark.stats.stats.median
         info["seconds"] = seconds
+        info["seconds_per_pass"] = seconds / more.get("passes", n_matvecs)
         if method == "dropflat":
             _DROPFLAT_SECONDS[k] = seconds
         elif k in _DROPFLAT_SECONDS:

@@ -42,6 +42,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                                           if isinstance(v, (str, int, float, bool, list, type(None)))}
     except Exception as exc:  # pragma: no cover - informational only
         machine_info["dropflat_build"] = f"unavailable: {exc}"
+    # Which dropflat source was measured (the tree may have no commit to name).
+    import hashlib
+
+    src = Path(dropflat.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(src.rglob("*.py")):
+        digest.update(str(f.relative_to(src)).encode())
+        digest.update(f.read_bytes())
+    machine_info["dropflat_source_sha256"] = digest.hexdigest()[:16]
+    machine_info["dropflat_path"] = str(src)
+    machine_info["loadavg_at_start"] = os.getloadavg()
     peers = {}
     for dist in ("pyhessian", "curvlinops-for-pytorch", "hessian-eigenthings", "backpack-for-pytorch"):
         try:

@@ -60,10 +60,14 @@ class NoiseCovariance(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.factor @ (self.factor.T @ V)
 
-    def gram(self) -> torch.Tensor:
-        """``AᵀA`` (``r x r``, float64): same nonzero spectrum as ``C``."""
-        A = self.factor.double()
-        return A.T @ A
+    def gram(self, rows: int = 1 << 16) -> torch.Tensor:
+        """``AᵀA`` (``r x r``), accumulated in float64 over row chunks (no float64 copy of ``A``)."""
+        r = self.factor.shape[1]
+        out = torch.zeros(r, r, dtype=torch.float64, device=self.device)
+        for i in range(0, self.factor.shape[0], rows):
+            block = self.factor[i:i + rows].double()
+            out += block.T @ block
+        return out
 
     def _eigh(self):
         if self._eig is None:
@@ -73,8 +77,9 @@ class NoiseCovariance(LinearOperator):
             rank_tol = vals[0] * max(self.factor.shape) * torch.finfo(self.dtype).eps if vals.numel() else 0.0
             keep = vals > rank_tol
             vals, W = vals[keep], W[:, keep]
-            vecs = (self.factor.double() @ W) / vals.sqrt()
-            self._eig = (vals.cpu(), vecs.T.to(self.dtype))
+            vecs = (self.factor @ (W / vals.sqrt()).to(self.dtype)).T  # [rank, P]
+            vecs = vecs / vecs.norm(dim=1, keepdim=True)
+            self._eig = (vals.cpu(), vecs)
         return self._eig
 
     @property
@@ -89,7 +94,7 @@ class NoiseCovariance(LinearOperator):
 
     def trace(self) -> float:
         """``tr C = ‖A‖_F²``."""
-        return float(self.factor.double().pow(2).sum())
+        return float(torch.trace(self.gram()))
 
     def frobenius_norm(self) -> float:
         """``‖C‖_F = ‖AᵀA‖_F``."""
@@ -103,8 +108,10 @@ class NoiseCovariance(LinearOperator):
 
 
 def _center(G: torch.Tensor, ddof: int):
+    """Centre the columns in place and scale by ``1/sqrt(M - ddof)``: the factor ``A`` and the mean."""
     mean = G.mean(dim=1)
-    return (G - mean[:, None]) / math.sqrt(G.shape[1] - ddof), mean
+    G.sub_(mean[:, None]).div_(math.sqrt(G.shape[1] - ddof))
+    return G, mean
 
 
 def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
@@ -134,7 +141,7 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
             G[:, s].add_(flat_grads(grads, leaves), alpha=batch.size)
 
     n = ml.evaluate(step, "dropout noise")
-    factor, mean = _center(G / n, ddof=1)
+    factor, mean = _center(G.div_(n), ddof=1)
     return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks,
                            info={"masks": masks, "seed": seed, "num_data": n})
 
