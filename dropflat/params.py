@@ -70,11 +70,7 @@ def num_parameters(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat vector (row-major per tensor).
-
-    Tensors of shape ``[*p.shape, k]`` (a trailing column dimension, as produced
-    by batched products) flatten to ``[P, k]``.
-    """
+    """Concatenate tensors into one flat vector ``[P]`` (row-major per tensor, detached)."""
     tensors = list(tensors)
     if not tensors:
         raise ValueError("flatten() got no tensors")
