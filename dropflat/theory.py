@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from .params import flatten, unflatten
+
 __all__ = ["dropout_moments", "LastLayerTerms", "last_layer_terms", "noise_covariance", "leading_order_covariance",
            "hessian", "matrix_cosine"]
 
@@ -68,29 +70,31 @@ def _split(model: nn.Module):
     return model[:-2], model[-2].p, model[-1]
 
 
+def _contributions(model: nn.Sequential, params: dict, X: torch.Tensor) -> torch.Tensor:
+    """``c_ij = a_j h_j(x_i)`` with dropout off (the body is ``model[:-2]``; its parameters keep their names)."""
+    body = model[:-2]
+    h = functional_call(body, {k: v for k, v in params.items() if int(k.split(".")[0]) < len(body)}, (X,))
+    return params[f"{len(model) - 1}.weight"][0] * h
+
+
+def _output(model: nn.Sequential, params: dict, X: torch.Tensor) -> torch.Tensor:
+    """``f(x_i)`` with dropout off, whatever the model's train/eval flag."""
+    bias = params.get(f"{len(model) - 1}.bias")
+    out = _contributions(model, params, X).sum(1)
+    return out + bias[0] if bias is not None else out
+
+
 def last_layer_terms(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor) -> LastLayerTerms:
     """``c``, ``v``, ``g``, ``e`` at the model's parameters (flat order: ``model.named_parameters()``)."""
-    body, q, head = _split(model)
-    names = [n for n, _ in model.named_parameters()]
+    _, q, _ = _split(model)
     theta = {n: p.detach() for n, p in model.named_parameters()}
-    head_w, head_b = f"{len(model) - 1}.weight", f"{len(model) - 1}.bias"
-
-    def contributions(params):
-        # model[:-2] keeps the module indices, so the body's parameters keep their names
-        h = functional_call(body, {k: v for k, v in params.items() if int(k.split(".")[0]) < len(body)}, (X,))
-        return params[head_w][0] * h                                   # [n, m]
-
-    def outputs(params):  # f with dropout off, whatever the model's train/eval flag
-        out = contributions(params).sum(1)
-        return out + params[head_b][0] if head_b in params else out
-
     with torch.no_grad():
-        c = contributions(theta)
-        e = outputs(theta) - y
-    flat = lambda jac: torch.cat([jac[n].reshape(*jac[n].shape[:jac[n].dim() - theta[n].dim()], -1)  # noqa: E731
-                                  for n in names], dim=-1)
-    v = flat(jacrev(contributions)(theta))                             # [n, m, P]
-    g = flat(jacrev(outputs)(theta))                                   # [n, P]
+        c = _contributions(model, theta, X)
+        e = _output(model, theta, X) - y
+    flat = lambda jac: torch.cat([jac[n].reshape(*jac[n].shape[:jac[n].dim() - t.dim()], -1)  # noqa: E731
+                                  for n, t in theta.items()], dim=-1)
+    v = flat(jacrev(lambda p: _contributions(model, p, X))(theta))    # [n, m, P]
+    g = flat(jacrev(lambda p: _output(model, p, X))(theta))           # [n, P]
     return LastLayerTerms(c=c, v=v, g=g, e=e, q=q)
 
 
@@ -141,20 +145,12 @@ def hessian(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, gauss_newton
         return H
     names = [nm for nm, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    theta = flatten(model.parameters())
 
     def weighted_output(flat):
-        parts, i = {}, 0
-        for nm, s in zip(names, shapes):
-            parts[nm] = flat[i:i + s.numel()].reshape(s)
-            i += s.numel()
-        return (terms.e * functional_call(model.eval(), parts, (X,))[:, 0]).sum() / n
+        return (terms.e * _output(model, dict(zip(names, unflatten(flat, shapes))), X)).sum() / n
 
-    was = model.training
-    try:
-        return H + torch.autograd.functional.hessian(weighted_output, theta)
-    finally:
-        model.train(was)
+    return H + torch.autograd.functional.hessian(weighted_output, theta)
 
 
 def matrix_cosine(H: torch.Tensor, C: torch.Tensor) -> float:

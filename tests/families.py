@@ -80,6 +80,15 @@ def make_case(family: str, seed: int, dtype=torch.float64, n=23, batch=8):
 FAMILIES = ["mlp-relu", "mlp-gelu", "mlp-tanh", "cnn", "transformer"]
 
 
+def named_parts(flat, named_shapes):
+    """Split a flat vector into ``{name: tensor}`` (the test's own split, independent of dropflat's)."""
+    parts, i = {}, 0
+    for name, s in named_shapes:
+        parts[name] = flat[i:i + s.numel()].reshape(s)
+        i += s.numel()
+    return parts
+
+
 def dense_hessian(model, loader, loss_fn=F.cross_entropy, batchnorm="eval"):
     """Float64 Hessian of the sample-weighted mean loss by ``torch.autograd.functional.hessian``.
 
@@ -92,16 +101,12 @@ def dense_hessian(model, loader, loss_fn=F.cross_entropy, batchnorm="eval"):
         for m in ref.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
-    names = [n for n, p in ref.named_parameters() if p.requires_grad]
-    shapes = [p.shape for n, p in ref.named_parameters() if p.requires_grad]
+    named_shapes = [(n, p.shape) for n, p in ref.named_parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for n, p in ref.named_parameters() if p.requires_grad])
     N = sum(len(y) for _, y in loader)
 
     def loss_of(flat):
-        parts, i = {}, 0
-        for name, s in zip(names, shapes):
-            parts[name] = flat[i:i + s.numel()].reshape(s)
-            i += s.numel()
+        parts = named_parts(flat, named_shapes)
         buffers = {k: v.clone() for k, v in ref.named_buffers()}
         total = 0.0
         for x, y in loader:

@@ -12,7 +12,7 @@ from torch.func import functional_call
 import dropflat
 from dropflat.dropout import NoDropoutError, keep_mask, mask_key
 from dropflat.noise.covariance import dropout_noise, NoiseCovariance
-from families import dense_hessian, make_case
+from families import dense_hessian, make_case, named_parts
 
 
 def half_mse(out, y):
@@ -128,16 +128,12 @@ def test_no_dropout_call_site_is_an_error():
 def _hessian_with_masks(model, loader, masks_by_batch):
     """Dense Hessian of an MLP family model with the given keep-scales applied at its dropout layers."""
     ref = copy.deepcopy(model).eval()
-    names = [n for n, _ in ref.named_parameters()]
-    shapes = [p.shape for _, p in ref.named_parameters()]
+    named_shapes = [(n, p.shape) for n, p in ref.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
     N = sum(len(yb) for _, yb in loader)
 
     def loss_of(flat):
-        parts, i = {}, 0
-        for nme, s in zip(names, shapes):
-            parts[nme] = flat[i:i + s.numel()].reshape(s)
-            i += s.numel()
+        parts = named_parts(flat, named_shapes)
         total = 0.0
         for (xb, yb), scales in zip(loader, masks_by_batch):
             h, site = xb, 0
