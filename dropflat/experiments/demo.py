@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class DemoConfig:
     trace_matvecs: int = 60
     num_masks: int = 64        # dropout masks for the noise covariance
     align_k: int = 10          # Hessian eigenpairs the noise is projected on
-    progress: bool = None
+    progress: Optional[bool] = None
 
 
 def load_digits(seed: int):
