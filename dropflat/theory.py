@@ -22,8 +22,9 @@ with per-sample masks ``C_ps = (1/n²) Σ_i C⁽ⁱ⁾``, the same formula per s
 (per-sample): reweightings of ``H ≈ (1/n) G Gᵀ``, which is why they align.
 The neglected ``B`` terms are not smaller in the dropout rate (``μ3`` and
 ``μ4 - s2²`` are ``O(q)`` like ``s2``) but in the width: ``g_i`` sums all ``m``
-units' ``v_ik``, so the ``A`` terms dominate as ``1/m`` (measured: relative error
-1.37, 0.55, 0.13, 0.044 at widths 4, 16, 64, 256; see the tests).
+units' ``v_ik``, so the ``A`` terms dominate as ``1/m`` (measured on one random
+network: relative error 1.37, 0.55, 0.13, 0.044 at widths 4, 16, 64, 256; over 40
+networks the error at width 128 was a median 0.13 of that at width 8; see the tests).
 
 Everything is dense (``P x P``): for small networks, to check the
 matrix-free estimators and to study the theory.

@@ -208,7 +208,8 @@ def test_alignment_matches_dense(fresh_seed):
     H = dropflat.HessianOperator(model, loader, half_mse)
     C = dropout_noise(model, loader, half_mse, num_masks=40, seed=fresh_seed)
     P = H.shape[0]
-    res = dropflat.alignment(H, C, k=4, num_matvecs=3 * P, seed=fresh_seed)  # Hutch++ exact at 3P products
+    # Hutch++ is exact at 3P products; tol=1e-8 makes the Ritz vectors accurate even for close eigenvalues
+    res = dropflat.alignment(H, C, k=4, num_matvecs=3 * P, seed=fresh_seed, tol=1e-8)
     Hd, Cd = H.to_dense(), C.to_dense()
     cos = float(torch.trace(Hd @ Cd) / (Hd.norm() * Cd.norm()))
     assert res.cosine == pytest.approx(cos, rel=1e-9)
@@ -220,7 +221,7 @@ def test_alignment_matches_dense(fresh_seed):
     assert abs(res.null_mean - float(null.mean())) < 5 * float(null.std()) / np.sqrt(4000)
     assert res.null_std == pytest.approx(float(null.std()), rel=0.1)
     w, U = torch.linalg.eigh(Hd)
-    np.testing.assert_allclose(res.hessian_eigenvalues.numpy(), w.flip(0)[:4].numpy(), rtol=1e-3)
+    np.testing.assert_allclose(res.hessian_eigenvalues.numpy(), w.flip(0)[:4].numpy(), rtol=1e-7)
     top = U.flip(1)[:, :4]
     np.testing.assert_allclose(res.projected_variance.numpy(), torch.einsum("pi,pq,qi->i", top, Cd, top).numpy(),
                                rtol=2e-3, atol=1e-12)

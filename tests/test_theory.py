@@ -43,10 +43,10 @@ def test_leading_order_at_interpolation(fresh_seed):
     """At e = 0 the leading terms reweight the Gauss-Newton Hessian; the neglected B-terms fade as 1/width.
 
     (They are not smaller in the dropout rate: μ3 and μ4 - s2² are O(q) like s2.)
-    Measured for seed 1, q = 0.2: relative errors 1.37/0.55/0.13/0.044 (shared) at widths 4/16/64/256.
+    Over seeds 0-39 (q = 0.2), err(width 128) / err(width 8) had median 0.13 and maximum 0.26.
     """
     errors = {}
-    for m in (4, 16, 64):
+    for m in (8, 128):
         model, X, _, _ = two_layer(fresh_seed % 10_000, d=3, m=m, n=6, q=0.2)
         with torch.no_grad():
             y = model.eval()(X)[:, 0]  # interpolating targets: e = 0
@@ -56,12 +56,12 @@ def test_leading_order_at_interpolation(fresh_seed):
         for masks in ("shared", "per_sample"):
             exact = theory.noise_covariance(terms, masks)
             errors[m, masks] = rel(theory.leading_order_covariance(terms, masks), exact)
-        H = theory.hessian(model, X, y)
-        assert rel(H, theory.hessian(model, X, y, gauss_newton_only=True)) < 1e-10  # e = 0: H = GGᵀ/n
+        if m == 8:
+            H = theory.hessian(model, X, y)
+            assert rel(H, theory.hessian(model, X, y, gauss_newton_only=True)) < 1e-10  # e = 0: H = GGᵀ/n
     print("leading-order relative errors:", errors)
     for masks in ("shared", "per_sample"):
-        assert errors[4, masks] > errors[16, masks] > errors[64, masks]
-        assert errors[64, masks] < 0.35
+        assert errors[128, masks] < 0.5 * errors[8, masks]
 
 
 def test_cosine_of_closed_forms_matches_alignment(fresh_seed):
