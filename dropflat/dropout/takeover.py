@@ -115,8 +115,10 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
             L, S = query.size(-2), key.size(-2)
             causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
         weights = torch.softmax(scores, dim=-1)
         return dropout(weights, dropout_p) @ value
 

@@ -165,7 +165,8 @@ def summary_rows(report: Dict):
     a = r["dropout"].get("alignment")
     if a:
         rows.append(("cos(H, C_dropout)", f"{a['cosine']:.3f} (null {a['null_mean']:.2g} ± {a['null_std']:.1g})", "-"))
-        rows.append(("slope log Var vs log λ", f"{a['slope']:.2f} [{a['slope_ci'][0]:.2f}, {a['slope_ci'][1]:.2f}]", "-"))
+        lo, hi = a["slope_ci"]
+        rows.append(("slope log Var vs log λ", f"{a['slope']:.2f} [{lo:.2f}, {hi:.2f}]", "-"))
     return rows
 
 

@@ -23,12 +23,12 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..operators import operator_for, reuse_passes
+from ..operators import as_operator, operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Estimate
 from .krylov import orthonormalize_against, random_vectors
 
-__all__ = ["hessian_trace", "frobenius_norm"]
+__all__ = ["hessian_trace", "frobenius_norm", "trace_and_frobenius"]
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -41,35 +41,52 @@ def _apply_chunked(op, Z: torch.Tensor, chunk: int, bar) -> torch.Tensor:
     return torch.cat(out, dim=1) if out else Z.clone()
 
 
-def _estimate(op, quantity: str, method: str, num_matvecs: int, seed: int, chunk: int, progress) -> Estimate:
-    """Shared body: ``quantity`` is ``"trace"`` (zᵀAz) or ``"frobenius2"`` (‖Az‖²)."""
+def _estimate(op, method: str, num_matvecs: int, seed: int, chunk: int, progress, desc: str):
+    """Hutch(++) estimates of ``tr A`` (zᵀAz) and ``‖A‖_F²`` (‖Az‖²) from the same ``num_matvecs`` products."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     P = op.shape[0]
     if num_matvecs < (3 if method == "hutch++" else 1):
         raise ValueError(f"num_matvecs must be at least {3 if method == 'hutch++' else 1} for {method}")
-    bar = progress_bar(total=num_matvecs, enabled=resolve_progress(progress), desc=quantity, unit="matvec")
+    bar = progress_bar(total=num_matvecs, enabled=resolve_progress(progress), desc=desc, unit="matvec")
 
-    def form(Z, AZ):  # per-column zᵀAz or ‖Az‖²
-        return (Z * AZ).sum(0) if quantity == "trace" else (AZ * AZ).sum(0)
+    def forms(Z, AZ):  # per-column zᵀAz and ‖Az‖²
+        return (Z * AZ).sum(0).double(), (AZ * AZ).sum(0).double()
 
     with bar, reuse_passes(op):
-        exact_part, Q = 0.0, None
+        exact, Q = (0.0, 0.0), None
         n_probe = num_matvecs
         if method == "hutch++":
             n_sketch = min(num_matvecs // 3, P)
             n_probe = num_matvecs - 2 * n_sketch
             S = random_vectors((P, n_sketch), seed + 1, op.dtype, op.device, kind="rademacher")
             Q, _ = torch.linalg.qr(_apply_chunked(op, S, chunk, bar))
-            exact_part = float(form(Q, _apply_chunked(op, Q, chunk, bar)).double().sum())
+            exact = tuple(float(f.sum()) for f in forms(Q, _apply_chunked(op, Q, chunk, bar)))
         Z = random_vectors((P, n_probe), seed, op.dtype, op.device, kind="rademacher")
         Z, _ = orthonormalize_against(Z, Q)
-        samples = form(Z, _apply_chunked(op, Z, chunk, bar)).double().cpu()
-    mean = float(samples.mean()) if n_probe else 0.0
-    stderr = float(samples.std(unbiased=True)) / math.sqrt(n_probe) if n_probe > 1 else float("nan")
-    if method == "hutch++" and Q is not None and Q.shape[1] == P:
-        stderr = 0.0  # the sketch spans the space: exact up to rounding
-    return Estimate(value=exact_part + mean, stderr=stderr, n_matvecs=num_matvecs, method=method)
+        samples = [f.cpu() for f in forms(Z, _apply_chunked(op, Z, chunk, bar))]
+    spans = method == "hutch++" and Q is not None and Q.shape[1] == P  # the sketch is the whole space: exact
+
+    def estimate(part: float, x: torch.Tensor) -> Estimate:
+        mean = float(x.mean()) if n_probe else 0.0
+        stderr = 0.0 if spans else (float(x.std(unbiased=True)) / math.sqrt(n_probe) if n_probe > 1 else float("nan"))
+        return Estimate(value=part + mean, stderr=stderr, n_matvecs=num_matvecs, method=method)
+
+    return estimate(exact[0], samples[0]), estimate(exact[1], samples[1])
+
+
+def _norm_from_square(sq: Estimate) -> Estimate:
+    """``‖A‖_F`` from ``‖A‖_F²``, standard error by the delta method."""
+    value = math.sqrt(max(sq.value, 0.0))
+    stderr = sq.stderr / (2 * value) if value > 0 else float("nan")
+    return Estimate(value=value, stderr=stderr, n_matvecs=sq.n_matvecs, method=sq.method)
+
+
+def trace_and_frobenius(op, *, method: str = "hutch++", num_matvecs: int = 100, seed: int = 0, chunk: int = 10,
+                        progress: Optional[bool] = None):
+    """``(tr A, ‖A‖_F)`` estimates of an operator from one shared set of products."""
+    tr, sq = _estimate(as_operator(op), method, num_matvecs, seed, chunk, progress, "trace and Frobenius norm")
+    return tr, _norm_from_square(sq)
 
 
 def hessian_trace(model_or_op, loader: Optional[Iterable] = None, *, loss_fn: Optional[Callable] = None,
@@ -77,7 +94,7 @@ def hessian_trace(model_or_op, loader: Optional[Iterable] = None, *, loss_fn: Op
                   progress: Optional[bool] = None, **operator_kwargs) -> Estimate:
     """Estimate ``tr H`` with ``num_matvecs`` operator products (``chunk`` per data pass)."""
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
-    return _estimate(op, "trace", method, num_matvecs, seed, chunk, progress)
+    return _estimate(op, method, num_matvecs, seed, chunk, progress, "trace")[0]
 
 
 def frobenius_norm(model_or_op, loader: Optional[Iterable] = None, *, loss_fn: Optional[Callable] = None,
@@ -85,7 +102,4 @@ def frobenius_norm(model_or_op, loader: Optional[Iterable] = None, *, loss_fn: O
                    progress: Optional[bool] = None, **operator_kwargs) -> Estimate:
     """Estimate ``‖H‖_F``; the standard error is propagated from that of ``‖H‖_F²`` (delta method)."""
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
-    sq = _estimate(op, "frobenius2", method, num_matvecs, seed, chunk, progress)
-    value = math.sqrt(max(sq.value, 0.0))
-    stderr = sq.stderr / (2 * value) if value > 0 else float("nan")
-    return Estimate(value=value, stderr=stderr, n_matvecs=sq.n_matvecs, method=method)
+    return _norm_from_square(_estimate(op, method, num_matvecs, seed, chunk, progress, "Frobenius norm")[1])

@@ -30,7 +30,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..linalg import frobenius_norm, hessian_trace, lanczos
+from ..linalg import lanczos
+from ..linalg.stochastic import trace_and_frobenius
 from ..operators import as_operator, reuse_passes
 from ..results import Result
 
@@ -90,7 +91,7 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
     """Align a Hessian (any symmetric operator) with a noise covariance (a ``NoiseCovariance``).
 
     ``k`` top Hessian eigenpairs come from :func:`~dropflat.lanczos` (``tol``);
-    ``‖H‖_F`` and ``tr H`` from Hutch++ with ``num_matvecs`` products each (exact
+    ``‖H‖_F`` and ``tr H`` from Hutch++ on one shared set of ``num_matvecs`` products (exact
     when ``num_matvecs >= 3P``); ``tr(HC)`` exactly from one product per noise sample.
     """
     H = as_operator(hessian)
@@ -105,8 +106,7 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
     with reuse_passes(H):
         HA = torch.cat([H.matmat(A[:, i:i + chunk]) for i in range(0, A.shape[1], chunk)], dim=1)
         trace_hc = float((A.double() * HA.double()).sum())
-        h_fro = frobenius_norm(H, num_matvecs=num_matvecs, seed=seed, progress=progress)
-        h_tr = hessian_trace(H, num_matvecs=num_matvecs, seed=seed + 1, progress=progress)
+        h_tr, h_fro = trace_and_frobenius(H, num_matvecs=num_matvecs, seed=seed, progress=progress)
         spec = lanczos(H, k=k, tol=tol, eigenvectors=True, seed=seed, progress=progress)
     c_fro, c_tr = noise.frobenius_norm(), noise.trace()
     denom = h_fro.value * c_fro
@@ -124,4 +124,4 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
                      hessian_frobenius=h_fro.value, hessian_frobenius_stderr=h_fro.stderr, noise_frobenius=c_fro,
                      hessian_trace=h_tr.value, noise_trace=c_tr, hessian_eigenvalues=spec.eigenvalues,
                      projected_variance=projected, slope=slope, slope_ci=ci, subspace_overlap=overlap,
-                     n_matvecs=A.shape[1] + h_fro.n_matvecs + h_tr.n_matvecs + spec.n_matvecs)
+                     n_matvecs=A.shape[1] + h_tr.n_matvecs + spec.n_matvecs)
