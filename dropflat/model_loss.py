@@ -28,7 +28,7 @@ class ModelLoss:
 
     Dropout: ``"off"`` evaluates with dropout disabled; ``"fixed"`` with the one
     replayable mask ``mask_index`` of ``mask_seed``; ``"mean"`` averages over the
-    masks ``0 .. num_masks-1``. ``masks`` picks the regime, ``"per_sample"``
+    masks ``mask_index .. mask_index + num_masks - 1``. ``masks`` picks the regime, ``"per_sample"``
     (PyTorch's) or ``"shared"`` (see :mod:`dropflat.dropout.masks`).
     """
 
@@ -63,7 +63,8 @@ class ModelLoss:
         MaskSource(self.mask_seed, 0, masks, 0, 1)  # validates the regime now
         # The masks whose losses are averaged on every batch (None: dropout off).
         self.mask_indices: Sequence[Optional[int]] = {
-            "off": [None], "fixed": [int(mask_index)], "mean": list(range(num_masks))}[dropout]
+            "off": [None], "fixed": [int(mask_index)],
+            "mean": list(range(int(mask_index), int(mask_index) + num_masks))}[dropout]
 
     @property
     def param_shapes(self) -> List[torch.Size]:
@@ -150,6 +151,19 @@ class ModelLoss:
 
         n = self.evaluate(step, "gradient")
         return float(loss_sum) / n, grad / n
+
+
+    def mask_gradients(self, indices: Sequence[int]) -> torch.Tensor:
+        """``[P, k]``: the data-set mean gradient under each replayable mask in ``indices``, one data pass."""
+        indices = list(indices)
+        G = torch.zeros(self.num_params, len(indices), dtype=self.dtype, device=self.device)
+
+        def step(state, leaves, batch):
+            for j, m in enumerate(indices):
+                grads = torch.autograd.grad(self.batch_loss(state, batch, m), leaves, allow_unused=True)
+                G[:, j].add_(flat_grads(grads, leaves), alpha=batch.size)
+
+        return G.div_(self.evaluate(step, "dropout gradients"))
 
 
 def _twice_differentiable_attention():

@@ -33,7 +33,7 @@ import torch
 from ..linalg import lanczos
 from ..linalg.stochastic import trace_and_frobenius
 from ..operators import as_operator, reuse_passes
-from ..results import Result
+from ..results import Estimate, Result, Spectrum
 
 __all__ = ["Alignment", "alignment", "loglog_slope"]
 
@@ -87,12 +87,16 @@ def loglog_slope(x: np.ndarray, y: np.ndarray, *, bootstrap: int = 1000, seed: i
 
 
 def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 90, tol: float = 1e-3,
-              chunk: int = 16, bootstrap: int = 1000, progress: Optional[bool] = None) -> Alignment:
+              chunk: int = 16, bootstrap: int = 1000, progress: Optional[bool] = None,
+              spectrum: Optional[Spectrum] = None, norms: Optional[Tuple[Estimate, Estimate]] = None) -> Alignment:
     """Align a Hessian (any symmetric operator) with a noise covariance (a ``NoiseCovariance``).
 
     ``k`` top Hessian eigenpairs come from :func:`~dropflat.lanczos` (``tol``);
     ``‖H‖_F`` and ``tr H`` from Hutch++ on one shared set of ``num_matvecs`` products (exact
     when ``num_matvecs >= 3P``); ``tr(HC)`` exactly from one product per noise sample.
+    Pass ``spectrum`` (a :class:`~dropflat.Spectrum` with eigenvectors, at least ``k``
+    pairs) and ``norms`` (``(trace, frobenius)`` from
+    :func:`~dropflat.linalg.trace_and_frobenius`) to reuse products already paid for.
     """
     H = as_operator(hessian)
     if not hasattr(noise, "factor"):
@@ -102,12 +106,18 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
         raise ValueError(f"the Hessian is {H.shape} but the noise covariance is {noise.shape}")
     P = H.shape[0]
     k = min(k, P - 1)
+    if spectrum is not None and (spectrum.eigenvectors is None or len(spectrum.eigenvalues) < k):
+        raise ValueError(f"spectrum must hold at least k={k} eigenpairs with eigenvectors "
+                         "(lanczos(..., eigenvectors=True))")
     A = noise.factor.to(device=H.device, dtype=H.dtype)
     with reuse_passes(H):
         HA = torch.cat([H.matmat(A[:, i:i + chunk]) for i in range(0, A.shape[1], chunk)], dim=1)
         trace_hc = float((A.double() * HA.double()).sum())
-        h_tr, h_fro = trace_and_frobenius(H, num_matvecs=num_matvecs, seed=seed, progress=progress)
-        spec = lanczos(H, k=k, tol=tol, eigenvectors=True, seed=seed, progress=progress)
+        h_tr, h_fro = norms if norms is not None else trace_and_frobenius(
+            H, num_matvecs=num_matvecs, seed=seed, progress=progress)
+        spec = spectrum if spectrum is not None else lanczos(H, k=k, tol=tol, eigenvectors=True, seed=seed,
+                                                             progress=progress)
+        spec_values, spec_vectors = spec.eigenvalues[:k], spec.eigenvectors[:k]
     c_fro, c_tr = noise.frobenius_norm(), noise.trace()
     denom = h_fro.value * c_fro
     cosine = trace_hc / denom
@@ -115,13 +125,14 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
     traceless = lambda fro, tr: max(fro ** 2 - tr ** 2 / P, 0.0)  # noqa: E731
     null_std = math.sqrt(2 * traceless(h_fro.value, h_tr.value) * traceless(c_fro, c_tr) / ((P - 1) * (P + 2))) / denom
 
-    V = spec.eigenvectors.to(A.dtype)                      # [k, P]
+    V = spec_vectors.to(A.dtype)                      # [k, P]
     projected = (V @ A).double().pow(2).sum(dim=1).cpu()   # v_iᵀ C v_i = ‖Aᵀ v_i‖²
-    slope, ci = loglog_slope(spec.eigenvalues.numpy(), projected.numpy(), bootstrap=bootstrap, seed=seed)
+    slope, ci = loglog_slope(spec_values.numpy(), projected.numpy(), bootstrap=bootstrap, seed=seed)
     U = noise.eigenvectors[:k].to(V.dtype)
     overlap = float((V @ U.T).pow(2).sum()) / max(min(k, U.shape[0]), 1)
     return Alignment(cosine=cosine, null_mean=null_mean, null_std=null_std, trace_hc=trace_hc,
                      hessian_frobenius=h_fro.value, hessian_frobenius_stderr=h_fro.stderr, noise_frobenius=c_fro,
-                     hessian_trace=h_tr.value, noise_trace=c_tr, hessian_eigenvalues=spec.eigenvalues,
+                     hessian_trace=h_tr.value, noise_trace=c_tr, hessian_eigenvalues=spec_values,
                      projected_variance=projected, slope=slope, slope_ci=ci, subspace_overlap=overlap,
-                     n_matvecs=A.shape[1] + h_tr.n_matvecs + spec.n_matvecs)
+                     n_matvecs=A.shape[1] + (h_tr.n_matvecs if norms is None else 0)
+                     + (spec.n_matvecs if spectrum is None else 0))

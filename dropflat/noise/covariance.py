@@ -22,6 +22,7 @@ over per-sample gradients.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -30,57 +31,134 @@ from torch import nn
 from ..model_loss import ModelLoss, flat_grads
 from ..operators.base import LinearOperator
 from ..params import ParamSpec
+from ..results import Result
+from .persample import PerSampleGradients
 
-__all__ = ["NoiseCovariance", "dropout_noise", "sgd_noise"]
+__all__ = ["NoiseCovariance", "NoiseDecomposition", "dropout_noise", "noise_decomposition", "sgd_noise"]
 
 
 class NoiseCovariance(LinearOperator):
-    """``C = A Aᵀ`` for a tall factor ``A: Tensor[P, r]``; usable by every spectral tool.
+    """``C = Z diag(w) Zᵀ`` for a tall factor ``Z: [P, r]``; usable by every spectral tool.
+
+    Two backings with one surface:
+
+    * **stored**: ``NoiseCovariance(A)`` keeps ``Z = A`` (``[P, r]``) in memory, ``w = 1``;
+    * **pass-based**: ``NoiseCovariance(per_sample=G, coefficients=L, weights=w)``
+      with ``G`` a :class:`~dropflat.noise.PerSampleGradients` (``P x N``, implicit)
+      and ``Z = G L`` for a small ``L: [N, r]``: ``Zᵀ Z = Lᵀ (GᵀG) L`` from the
+      per-sample Gram, ``ZᵀV = Lᵀ(GᵀV)`` by ``project``, ``Z c = G (L c)`` by
+      ``combine``. ``weights`` (default all 1) may be negative (a difference of
+      covariances, e.g. a bias correction); then eigenvalues can be negative.
 
     ``mean`` is the mean gradient the samples were centred on, ``kind`` says
-    which noise (``"dropout"``, ``"sgd"``) and ``num_samples`` how many
-    gradients (masks or data samples) were used.
+    which noise (``"dropout"``, ``"sgd"``, ...) and ``num_samples`` how many
+    gradients (masks or data samples) were used. ``factor`` is ``A`` when stored;
+    when pass-based (and ``w ≥ 0``) it is materialised on first use as
+    ``U Λ^{1/2}`` (``[P, rank]``, same ``C``).
     """
 
-    def __init__(self, factor: torch.Tensor, mean: Optional[torch.Tensor] = None, *, kind: str = "",
-                 num_samples: Optional[int] = None, info: Optional[dict] = None):
-        if factor.ndim != 2:
-            raise ValueError(f"factor must be a [P, r] matrix, got shape {tuple(factor.shape)}")
-        self.factor = factor
+    def __init__(self, factor: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None, *,
+                 kind: str = "", num_samples: Optional[int] = None, info: Optional[dict] = None,
+                 per_sample=None, coefficients: Optional[torch.Tensor] = None,
+                 weights: Optional[torch.Tensor] = None):
+        if (factor is None) == (per_sample is None):
+            raise ValueError("pass either a stored factor [P, r] or per_sample=PerSampleGradients with coefficients")
+        if factor is not None:
+            if factor.ndim != 2:
+                raise ValueError(f"factor must be a [P, r] matrix, got shape {tuple(factor.shape)}")
+            P, r = factor.shape
+            self.dtype, self.device = factor.dtype, factor.device
+        else:
+            if coefficients is None or coefficients.ndim != 2:
+                raise ValueError("per_sample needs coefficients: a [N, r] matrix L with Z = G L")
+            P, r = per_sample.num_params, coefficients.shape[1]
+            self.dtype, self.device = per_sample.dtype, per_sample.device
+            coefficients = coefficients.to(device=self.device, dtype=torch.float64)
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64, device=self.device).reshape(-1)
+            if weights.numel() != r:
+                raise ValueError(f"weights must have one entry per factor column ({r}), got {weights.numel()}")
+        self._factor = factor
+        self.per_sample, self.coefficients, self.weights = per_sample, coefficients, weights
         self.mean = mean
         self.kind = kind
-        self.num_samples = num_samples if num_samples is not None else factor.shape[1]
+        self.num_samples = num_samples if num_samples is not None else r
         self.info = info or {}
-        P = factor.shape[0]
         self.shape = (P, P)
-        self.dtype = factor.dtype
-        self.device = factor.device
         self._eig = None
+        self._zgram = None
+
+    # --- the factor Z: Gram, Zᵀ V, Z c ---
+
+    def _project(self, V: torch.Tensor) -> torch.Tensor:
+        if self._factor is not None:
+            return self._factor.T @ V
+        return (self.coefficients.T @ self.per_sample.project(V).double()).to(self.dtype)
+
+    def _combine(self, c: torch.Tensor) -> torch.Tensor:
+        if self._factor is not None:
+            return self._factor @ c.to(self.dtype)
+        return self.per_sample.combine((self.coefficients @ c.double()).to(self.dtype))
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.factor @ (self.factor.T @ V)
+        y = self._project(V)
+        if self.weights is not None:
+            y = y * self.weights[:, None].to(y.dtype)
+        return self._combine(y)
 
     def gram(self, rows: int = 1 << 16) -> torch.Tensor:
-        """``AᵀA`` (``r x r``), accumulated in float64 over row chunks (no float64 copy of ``A``)."""
-        r = self.factor.shape[1]
-        out = torch.zeros(r, r, dtype=torch.float64, device=self.device)
-        for i in range(0, self.factor.shape[0], rows):
-            block = self.factor[i:i + rows].double()
-            out += block.T @ block
-        return out
+        """``ZᵀZ`` (``r x r``, float64); stored: accumulated over row chunks (no float64 copy of ``A``)."""
+        if self._zgram is None:
+            if self._factor is not None:
+                r = self._factor.shape[1]
+                out = torch.zeros(r, r, dtype=torch.float64, device=self.device)
+                for i in range(0, self._factor.shape[0], rows):
+                    block = self._factor[i:i + rows].double()
+                    out += block.T @ block
+            else:
+                L = self.coefficients
+                out = L.T @ self.per_sample.gram().double() @ L
+                out = (out + out.T) / 2  # exact symmetry for eigh
+            self._zgram = out
+        return self._zgram
 
     def _eigh(self):
         if self._eig is None:
-            vals, W = torch.linalg.eigh(self.gram())
+            K = self.gram()
+            vals, W = torch.linalg.eigh(K)
             vals, W = vals.flip(0), W.flip(1)
             vals = vals.clamp_min(0.0)
-            rank_tol = vals[0] * max(self.factor.shape) * torch.finfo(self.dtype).eps if vals.numel() else 0.0
+            rank_tol = vals[0] * max(self.shape[0], K.shape[0]) * torch.finfo(self.dtype).eps if vals.numel() else 0.0
             keep = vals > rank_tol
             vals, W = vals[keep], W[:, keep]
-            vecs = (self.factor @ (W / vals.sqrt()).to(self.dtype)).T  # [rank, P]
+            coef = W / vals.sqrt()                        # Z coef has orthonormal columns
+            if self.weights is not None:
+                # C = (Z coef) S (Z coef)ᵀ with S = Λ^{1/2} Wᵀ diag(w) W Λ^{1/2}; diagonalise S.
+                R = W * vals.sqrt()
+                S = R.T @ (self.weights[:, None] * R)
+                sig, U = torch.linalg.eigh((S + S.T) / 2)
+                order = torch.argsort(sig, descending=True)
+                sig, U = sig[order], U[:, order]
+                keep = sig.abs() > (sig.abs().max() * K.shape[0] * torch.finfo(self.dtype).eps if sig.numel() else 0.0)
+                vals, coef = sig[keep], coef @ U[:, keep]
+            vecs = self._combine(coef).T  # [rank, P]
             vecs = vecs / vecs.norm(dim=1, keepdim=True)
             self._eig = (vals.cpu(), vecs)
         return self._eig
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """A ``[P, r]`` matrix ``A`` with ``C = A Aᵀ`` (stored, or ``U Λ^{1/2}`` built from the eigenpairs)."""
+        if self._factor is None:
+            vals, vecs = self._eigh()
+            if (vals < 0).any():
+                raise ValueError("this covariance estimate has negative eigenvalues (a bias-corrected difference), "
+                                 "so it has no real factor A with C = A Aᵀ")
+            self._factor_cache = getattr(self, "_factor_cache", None)
+            if self._factor_cache is None:
+                self._factor_cache = vecs.T * vals.sqrt().to(device=vecs.device, dtype=vecs.dtype)
+            return self._factor_cache
+        return self._factor
 
     @property
     def eigenvalues(self) -> torch.Tensor:
@@ -93,12 +171,17 @@ class NoiseCovariance(LinearOperator):
         return self._eigh()[1]
 
     def trace(self) -> float:
-        """``tr C = ‖A‖_F²``."""
-        return float(torch.trace(self.gram()))
+        """``tr C = Σ_j w_j ‖z_j‖²`` (``‖A‖_F²`` when stored)."""
+        d = torch.diagonal(self.gram())
+        return float(d.sum() if self.weights is None else (self.weights * d).sum())
 
     def frobenius_norm(self) -> float:
-        """``‖C‖_F = ‖AᵀA‖_F``."""
-        return float(self.gram().norm())
+        """``‖C‖_F = sqrt(tr(D K D K))`` with ``K = ZᵀZ``, ``D = diag(w)`` (``‖AᵀA‖_F`` when ``w = 1``)."""
+        K = self.gram()
+        if self.weights is None:
+            return float(K.norm())
+        DK = self.weights[:, None] * K
+        return math.sqrt(max(float((DK * DK.T).sum()), 0.0))
 
     def to_dict(self, top: int = 20) -> dict:
         vals = self.eigenvalues
@@ -132,16 +215,9 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     ml = ModelLoss(model, loader, loss_fn, params=params, dropout="fixed", batchnorm=batchnorm,
                    num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn, progress=progress,
                    mask_seed=seed, masks=masks)
-    G = torch.zeros(ml.num_params, num_masks, dtype=ml.dtype, device=ml.device)
-
-    def step(state, leaves, batch):
-        for s in range(num_masks):
-            loss = ml.batch_loss(state, batch, s)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            G[:, s].add_(flat_grads(grads, leaves), alpha=batch.size)
-
-    n = ml.evaluate(step, "dropout noise")
-    factor, mean = _center(G.div_(n), ddof=1)
+    G = ml.mask_gradients(range(num_masks))
+    n = ml.num_samples
+    factor, mean = _center(G, ddof=1)
     return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks,
                            info={"masks": masks, "seed": seed, "num_data": n})
 
@@ -149,40 +225,95 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
 def sgd_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
               params: ParamSpec = None, num_batches: Optional[int] = None, device=None,
               dtype: Optional[torch.dtype] = None, batch_fn: Optional[Callable] = None,
-              progress: bool = False) -> NoiseCovariance:
+              progress: bool = False, path: str = "auto", max_memory: Optional[float] = None) -> NoiseCovariance:
     """The data-sampling covariance of per-sample gradients, dropout off (BatchNorm in eval mode).
 
     ``C = (1/n) Σ_i (∇ℓ_i - ∇R_S)(∇ℓ_i - ∇R_S)ᵀ`` over the ``n`` samples (the data
     set is the population); one-sample SGD noise has this covariance, batch-``B``
-    SGD (with replacement) ``C / B``. Per-sample gradients come from a
-    per-sample loop, so memory is ``P x n``.
+    SGD (with replacement) ``C / B``. Pass-based: ``C = Z Zᵀ`` with ``Z = G J / sqrt(n)``,
+    ``J = I - 11ᵀ/n``, ``G`` the implicit per-sample gradients of
+    :class:`~dropflat.noise.PerSampleGradients` (``path``, ``max_memory``: its
+    per-layer choice). Eigenpairs come from the centred ``n x n`` Gram
+    ``J GᵀG J / n``; products ``C V`` take one projection and one combination.
+    The loss must be a mean over samples of per-sample terms.
     """
-    ml = ModelLoss(model, loader, loss_fn, params=params, dropout="off", batchnorm="eval",
-                   num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn, progress=progress)
-    columns = []
-
-    def step(state, leaves, batch):
-        for i in range(batch.size):
-            one = _select(batch, i)
-            grads = torch.autograd.grad(ml.batch_loss(state, one), leaves, allow_unused=True)
-            columns.append(flat_grads(grads, leaves))
-
-    n = ml.evaluate(step, "per-sample gradients")
-    factor, mean = _center(torch.stack(columns, dim=1), ddof=0)
-    return NoiseCovariance(factor, mean, kind="sgd", num_samples=n, info={"num_data": n})
+    G = PerSampleGradients(model, loader, loss_fn, params=params, dropout="off", path=path, max_memory=max_memory,
+                           device=device, dtype=dtype, batch_fn=batch_fn, num_batches=num_batches, progress=progress)
+    n = G.num_samples  # runs the pass: per-layer factors and the Gram
+    J = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    mean = G.combine(torch.full((n,), 1.0 / n, dtype=G.dtype, device=G.device))
+    return NoiseCovariance(per_sample=G, coefficients=J / math.sqrt(n), mean=mean, kind="sgd", num_samples=n,
+                           info={"num_data": n})
 
 
-def _select(batch, i):
-    """Sample ``i`` of a batch as a batch of one."""
-    from dataclasses import replace
+@dataclass
+class NoiseDecomposition(Result):
+    """The law-of-total-covariance split of per-sample dropout gradients ``g_{i,s} = ∇ℓ_i(η_s)``.
 
-    def pick(x):
-        if isinstance(x, torch.Tensor):
-            return x[i:i + 1]
-        if isinstance(x, dict):
-            return {k: pick(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(pick(v) for v in x)
-        return x
+    ``within = E_x Cov_η[g]``, ``between = Cov_x E_η[g]`` (bias-corrected),
+    ``total = within + between`` (each a :class:`NoiseCovariance`); ``mean`` the
+    grand mean gradient; ``bias_correction`` the factor ``c`` subtracted from
+    ``between`` (``between = S_means - c · within``).
+    """
 
-    return replace(batch, inputs=pick(batch.inputs), targets=pick(batch.targets), size=1, offset=batch.offset + i)
+    within: NoiseCovariance
+    between: NoiseCovariance
+    total: NoiseCovariance
+    mean: torch.Tensor
+    num_samples: int
+    num_masks: int
+    bias_correction: float
+    masks: str = "per_sample"
+    seed: int = 0
+    _skip_in_dict = ("mean",)
+
+    def to_dict(self, top: int = 20) -> dict:
+        return {"within": self.within.to_dict(top), "between": self.between.to_dict(top),
+                "total": self.total.to_dict(top), "num_samples": self.num_samples, "num_masks": self.num_masks,
+                "bias_correction": self.bias_correction, "masks": self.masks, "seed": self.seed}
+
+
+def noise_decomposition(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
+                        num_masks: int = 16, seed: int = 0, masks: str = "per_sample", params: ParamSpec = None,
+                        num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+                        batch_fn: Optional[Callable] = None, path: str = "auto",
+                        max_memory: Optional[float] = None, progress: bool = False) -> NoiseDecomposition:
+    """Split the covariance of per-sample dropout gradients over (uniform sample x, mask η).
+
+    With ``g_{i,s} = ∇ℓ_i(θ, η_s)`` for ``n`` samples and ``M = num_masks``
+    replayable masks (regime ``masks``, ``seed``), ``ḡ_i = (1/M) Σ_s g_{i,s}``, ``ḡ = (1/n) Σ_i ḡ_i``:
+
+    * ``within = (1/n) Σ_i (1/(M-1)) Σ_s (g_{i,s} - ḡ_i)(g_{i,s} - ḡ_i)ᵀ``: unbiased for ``E_x Cov_η[g]``;
+    * ``S = (1/n) Σ_i (ḡ_i - ḡ)(ḡ_i - ḡ)ᵀ`` overestimates ``Cov_x E_η[g]``: each ``ḡ_i`` carries
+      Monte-Carlo noise of covariance ``Cov_η[g_i]/M``, and ``E S = Cov_x E_η[g] + (1 - 1/n) E_x Cov_η[g] / M``;
+      so ``between = S - c · within`` with ``c = (1 - 1/n)/M`` (unbiased; may be indefinite);
+    * ``total = within + between``, unbiased for ``Cov_{x,η}[g]`` (law of total covariance).
+
+    The population over samples is the data set (``1/n``, as in :func:`sgd_noise`).
+    All three are pass-based :class:`NoiseCovariance` on one :class:`PerSampleGradients`
+    over the ``n·M`` columns (memory: its per-layer factors, plus ``(nM)²`` for the Gram).
+    """
+    if num_masks < 2:
+        raise ValueError(f"num_masks must be >= 2 to estimate a covariance over masks, got {num_masks}")
+    G = PerSampleGradients(model, loader, loss_fn, params=params, dropout="fixed", mask_seed=seed,
+                           mask_index=list(range(num_masks)), masks=masks, path=path, max_memory=max_memory,
+                           device=device, dtype=dtype, batch_fn=batch_fn, num_batches=num_batches, progress=progress)
+    n, M = G.num_samples, num_masks
+    f64 = {"dtype": torch.float64}
+    # Columns are mask-major (s·n + i): kron(mask part, sample part).
+    centre_masks = torch.eye(M, **f64) - 1.0 / M
+    L_within = torch.kron(centre_masks, torch.eye(n, **f64)) / math.sqrt(n * (M - 1))
+    L_means = torch.kron(torch.full((M, 1), 1.0 / M, **f64), torch.eye(n, **f64) - 1.0 / n) / math.sqrt(n)
+    c = (1.0 - 1.0 / n) / M
+    info = {"num_data": n, "num_masks": M, "masks": masks, "seed": seed}
+    within = NoiseCovariance(per_sample=G, coefficients=L_within, kind="dropout-within", num_samples=n * M, info=info)
+    between = NoiseCovariance(per_sample=G, coefficients=torch.cat([L_within, L_means], dim=1),
+                              weights=torch.cat([torch.full((n * M,), -c, **f64), torch.ones(n, **f64)]),
+                              kind="dropout-between", num_samples=n * M, info=info)
+    total = NoiseCovariance(per_sample=G, coefficients=torch.cat([math.sqrt(1.0 - c) * L_within, L_means], dim=1),
+                            kind="dropout-total", num_samples=n * M, info=info)
+    mean = G.combine(torch.full((n * M,), 1.0 / (n * M), dtype=G.dtype, device=G.device))
+    for C in (within, between, total):
+        C.mean = mean
+    return NoiseDecomposition(within=within, between=between, total=total, mean=mean, num_samples=n, num_masks=M,
+                              bias_correction=c, masks=masks, seed=seed)

@@ -47,7 +47,7 @@ class HessianOperator(LinearOperator):
     dropout: ``"off"`` evaluates with dropout disabled; ``"fixed"``: the Hessian of the loss
         under one replayable mask (``mask_seed``, ``mask_index``), deterministic, so Krylov
         methods converge; ``"mean"``: the average of the fixed-mask Hessians over masks
-        ``0 .. num_masks-1``. ``masks``: ``"per_sample"`` (PyTorch's regime) or ``"shared"``.
+        ``mask_index .. mask_index + num_masks - 1``. ``masks``: ``"per_sample"`` (PyTorch's regime) or ``"shared"``.
     batchnorm: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
     num_batches: use only the first ``num_batches`` batches.
     device, dtype: where and in which precision to compute (default: the parameters').

@@ -1,0 +1,97 @@
+"""What the experiments measure at a trained minimum: one function for ``demo`` and ``reproduce``.
+
+Curvature is of the training loss with dropout off and BatchNorm on running
+statistics (``PAPER.md``, "Conventions"); the dropout run adds the
+dropout-noise covariance and its alignment with the Hessian.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..flatness import filter_normalized_direction, interval_flatness, loss_along
+from ..linalg import lanczos, spectral_density
+from ..linalg.stochastic import trace_and_frobenius
+from ..noise import alignment, dropout_noise
+from ..operators import HessianOperator
+
+__all__ = ["MeasureConfig", "measure"]
+
+
+@dataclass
+class MeasureConfig:
+    top_k: int = 5               # Hessian eigenpairs (Lanczos)
+    tol: float = 1e-3            # their relative residual tolerance
+    trace_matvecs: int = 60      # Hutch++ products for trace and Frobenius norm
+    density_runs: int = 4        # SLQ start vectors (0: no density)
+    density_steps: int = 40
+    directions: int = 5          # filter-normalised random directions for interval flatness and 1-D curves
+    kappa: float = 2.0           # interval flatness level: L = kappa * L*
+    curve_radius: float = 1.0    # 1-D loss curves over alpha in [-radius, radius] ...
+    curve_points: int = 21       # ... at this many points
+    num_masks: int = 64          # dropout masks for the noise covariance
+    masks: str = "per_sample"    # mask regime of the noise ("per_sample": PyTorch's, "shared": the theory's)
+    align_k: int = 10            # Hessian eigenpairs the noise is projected on
+
+
+def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Callable[[nn.Module], float],
+            cfg: MeasureConfig, *, with_noise: bool, seed: int = 0, progress: Optional[bool] = None) -> Dict:
+    """Flatness and noise figures of ``model`` at its current parameters (the model is not modified).
+
+    Returns the report's run record plus private ``_density`` / ``_curves``
+    entries (for the plots; the caller pops them before writing JSON).
+    """
+    H = HessianOperator(model, loader, loss_fn)
+    train_loss, _ = H.loss_and_gradient()
+    spec = lanczos(H, k=max(cfg.top_k, cfg.align_k if with_noise else 0), tol=cfg.tol, eigenvectors=True,
+                   seed=seed, progress=progress)
+    trace, frobenius = trace_and_frobenius(H, num_matvecs=cfg.trace_matvecs, seed=seed, progress=progress)
+    # Filter-normalised directions keep their scale (distances in units of the direction, as in Li et al.):
+    # that scale is what makes minima of differently scaled ReLU networks comparable.
+    random_dirs = filter_normalized_direction(model, seed=seed, k=cfg.directions)
+    flat_random = interval_flatness(model, loader, random_dirs, kappa=cfg.kappa, loss_fn=loss_fn, normalize=False)
+    flat_top = interval_flatness(model, loader, spec.eigenvectors[: cfg.top_k], kappa=cfg.kappa, loss_fn=loss_fn)
+    alphas = torch.linspace(-cfg.curve_radius, cfg.curve_radius, cfg.curve_points, dtype=torch.float64)
+    curves = loss_along(model, loader, random_dirs, alphas, loss_fn=loss_fn)
+    record = {
+        "train_loss": train_loss,
+        "test_accuracy": accuracy(model),
+        "hessian_top_eigenvalues": spec.eigenvalues[: cfg.top_k].tolist(),
+        "eigenvalue_residuals": spec.residuals[: cfg.top_k].tolist(),
+        "hessian_trace": trace.value,
+        "hessian_trace_stderr": trace.stderr,
+        "hessian_frobenius": frobenius.value,
+        "interval_flatness": _finite_list(flat_random.flatness),
+        "interval_flatness_top_eigenvectors": _finite_list(flat_top.flatness),
+        "num_parameters": H.shape[0],
+        "_curves": curves,
+    }
+    n_matvecs = spec.n_matvecs + trace.n_matvecs
+    if cfg.density_runs > 0:
+        density = spectral_density(H, num_runs=cfg.density_runs, num_steps=cfg.density_steps, seed=seed,
+                                   progress=progress)
+        record["_density"] = density
+        n_matvecs += density.n_matvecs
+    if with_noise:
+        noise = dropout_noise(model, loader, loss_fn, num_masks=cfg.num_masks, masks=cfg.masks, seed=seed,
+                              progress=bool(progress))
+        al = alignment(H, noise, k=cfg.align_k, seed=seed, spectrum=spec, norms=(trace, frobenius),
+                       progress=progress)
+        record["alignment"] = {"cosine": al.cosine, "null_mean": al.null_mean, "null_std": al.null_std,
+                               "slope": al.slope, "slope_ci": list(al.slope_ci),
+                               "subspace_overlap": al.subspace_overlap, "masks": cfg.masks,
+                               "num_masks": cfg.num_masks,
+                               "hessian_eigenvalues": al.hessian_eigenvalues.tolist(),
+                               "projected_variance": al.projected_variance.tolist()}
+        record["noise_top_eigenvalues"] = noise.eigenvalues[: cfg.top_k].tolist()
+        n_matvecs += al.n_matvecs
+    record["hessian_matvecs"] = n_matvecs
+    return record
+
+
+def _finite_list(values) -> list:
+    """JSON has no infinity: a width whose level was never reached is reported as ``None``."""
+    return [float(v) if torch.isfinite(torch.as_tensor(v)) else None for v in values]

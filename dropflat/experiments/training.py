@@ -1,0 +1,167 @@
+"""Training for the experiments: full-batch or mini-batch, checkpointed, resumable to the bit.
+
+A checkpoint holds the model, the optimiser, the step, the loss curve and the
+global RNG state that drives PyTorch's own dropout masks during training, so
+a run stopped at any checkpoint and restarted continues exactly as the
+uninterrupted run would have (same CPU/GPU, same library versions).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..data import call_model
+from ..progress import progress_bar
+
+__all__ = ["TrainConfig", "TrainLog", "train", "mean_loss"]
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"            # "adam" | "sgd" | "nesterov" (SGD with Nesterov momentum)
+    lr: float = 1e-3
+    steps: int = 1000                  # optimiser steps
+    batch_size: Optional[int] = None   # None: full batch (every step sees every training batch)
+    momentum: float = 0.9
+    milestones: Tuple[int, ...] = ()   # learning rate / 10 at each of these steps
+    warmup: int = 0                    # linear warm-up over this many steps
+    target_loss: Optional[float] = None  # stop once the dropout-off training loss is this low ...
+    check_every: int = 25                # ... checked every this many steps
+    checkpoint_every: int = 100
+
+    def fingerprint(self, extra: dict) -> str:
+        blob = json.dumps({"train": asdict(self), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainLog:
+    steps: int = 0
+    losses: List[float] = field(default_factory=list)  # training loss (with dropout, as optimised) per step
+    clean_loss: Optional[float] = None                   # last dropout-off training loss measured
+    done: bool = False
+    resumed_from: int = 0
+
+
+def mean_loss(model: nn.Module, batches: Sequence, loss_fn: Callable) -> float:
+    """Sample-weighted mean loss over ``batches`` in eval mode (dropout off); restores the train flag."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            size = len(y)
+            total += size * float(loss_fn(call_model(model, x), y))
+            n += size
+    model.train(was)
+    return total / n
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer in ("sgd", "nesterov"):
+        nesterov = cfg.optimizer == "nesterov"
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum if nesterov else 0.0, nesterov=nesterov)
+    raise ValueError(f"optimizer must be 'adam', 'sgd' or 'nesterov', got {cfg.optimizer!r}")
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    lr = cfg.lr * 0.1 ** sum(step >= m for m in cfg.milestones)
+    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
+
+
+def _minibatches(batches: Sequence, batch_size: int, step: int, seed: int):
+    """The mini-batch of optimiser step ``step``: epochs of a seeded permutation (a pure function of the step)."""
+    x_all = _cat([b[0] for b in batches])
+    y_all = torch.cat([b[1] for b in batches])
+    n = len(y_all)
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    idx = perm[i * batch_size:(i + 1) * batch_size].to(y_all.device)
+    return [(_take(x_all, idx), y_all[idx])]
+
+
+def _cat(parts):
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def _take(x, idx):
+    return type(x)(t[idx] for t in x) if isinstance(x, (tuple, list)) else x[idx]
+
+
+def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConfig, *, seed: int = 0,
+          checkpoint: Optional[Path] = None, fingerprint: str = "", eval_batches: Optional[Sequence] = None,
+          eval_loss_fn: Optional[Callable] = None, progress: bool = False, label: str = "") -> TrainLog:
+    """Train ``model`` in place (it is the experiment's own model) and return the log.
+
+    Full batch (``cfg.batch_size=None``): each step accumulates the size-weighted
+    gradient of every batch, i.e. the gradient of the data-set mean loss. Resumes
+    from ``checkpoint`` when it exists and its ``fingerprint`` matches.
+    """
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    log = TrainLog()
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            log = TrainLog(**state["log"])
+            log.resumed_from = log.steps
+    eval_batches = batches if eval_batches is None else eval_batches
+    eval_loss_fn = loss_fn if eval_loss_fn is None else eval_loss_fn
+    n_total = sum(len(y) for _, y in batches)
+    bar = progress_bar(range(log.steps, cfg.steps), enabled=progress, desc=f"train {label}".strip())
+    for step in bar:
+        if log.done:
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        chunks = batches if cfg.batch_size is None else _minibatches(batches, cfg.batch_size, step, seed)
+        n = n_total if cfg.batch_size is None else sum(len(y) for _, y in chunks)
+        step_loss = 0.0
+        for x, y in chunks:
+            loss = loss_fn(call_model(model, x), y) * (len(y) / n)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training {label or 'the model'} diverged at step {step} (loss {loss.item()}); "
+                                         "lower the learning rate")
+            loss.backward()
+            step_loss += loss.item()
+        opt.step()
+        log.steps = step + 1
+        log.losses.append(step_loss)
+        last = log.steps == cfg.steps
+        if cfg.target_loss is not None and (log.steps % cfg.check_every == 0 or last):
+            log.clean_loss = mean_loss(model, eval_batches, eval_loss_fn)
+            bar.set_postfix_str(f"loss {log.clean_loss:.2e}")
+            log.done = log.clean_loss <= cfg.target_loss
+        log.done = log.done or last
+        if checkpoint is not None and (log.steps % cfg.checkpoint_every == 0 or log.done):
+            save_checkpoint(checkpoint, model, opt, log, fingerprint)
+    log.done = True
+    if log.clean_loss is None or cfg.target_loss is None:
+        log.clean_loss = mean_loss(model, eval_batches, eval_loss_fn)
+    model.eval()
+    return log
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, log: TrainLog, fingerprint: str) -> None:
+    """Write atomically (temporary file, then rename): an interrupted write never leaves a broken checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "log": asdict(log), "fingerprint": fingerprint}, tmp)
+    os.replace(tmp, path)
