@@ -42,7 +42,10 @@ step build_info "$PY" -P -c \
 step cuda_compiled "$PY" -P -c \
   "import sys, dropflat.kernels as k; sys.exit(not k.build_info()['cuda_compiled'])"
 step gpu_tests "$PY" -P -m pytest -m gpu -x -q -rs tests/
-step kernel_tests "$PY" -P -m pytest -q -rs tests/test_build.py tests/test_philox.py
+step kernel_tests "$PY" -P -m pytest -q -rs tests/test_build.py tests/test_philox.py \
+  tests/test_dropout_kernels.py  # fused replayable dropout
+# per-sample gradient ghost Gram (Triton on CUDA; its GPU benches run in the benchmarks step)
+step persample_tests "$PY" -P -m pytest -q -rs tests/test_persample.py
 rm -f "$OUT/bench.json"
 step benchmarks "$PY" -P -m pytest benchmarks/ --benchmark-only -q \
   --benchmark-json="$OUT/bench.json"

@@ -108,6 +108,114 @@ PYBIND11_MODULE(_C, m) {
       "Devices seen by the module's own (static) CUDA runtime; raises with "
       "the runtime's reason when it cannot start (e.g. no driver).");
 
+  // --- fused replayable dropout (csrc/cpu/dropout_cpu.cpp, csrc/cuda/dropout_cuda.cu);
+  // dropflat/kernels/dropout.py checks shapes, dtypes and contiguity.
+  m.def(
+      "fused_dropout_cpu",
+      [](uintptr_t x, uintptr_t y, bool is_double, int64_t rows, int64_t cols,
+         int64_t inner, uint64_t key, uint64_t e0, uint32_t threshold, double scale) {
+        const int64_t n = rows * cols * inner;
+        if (n > 0 && x == 0) throw std::invalid_argument("dropflat: null input pointer");
+        if (is_double) {
+          dropflat::fused_dropout_cpu_f64(reinterpret_cast<const double*>(x),
+                                          checked_out<double>(n, y), rows, cols,
+                                          inner, key, e0, threshold, scale);
+        } else {
+          dropflat::fused_dropout_cpu_f32(reinterpret_cast<const float*>(x),
+                                          checked_out<float>(n, y), rows, cols,
+                                          inner, key, e0, threshold, scale);
+        }
+      },
+      py::arg("x"), py::arg("y"), py::arg("is_double"), py::arg("rows"),
+      py::arg("cols"), py::arg("inner"), py::arg("key"), py::arg("e0"),
+      py::arg("threshold"), py::arg("scale"),
+      py::call_guard<py::gil_scoped_release>(),
+      "y = x * keep * scale over contiguous [rows, cols, inner] float32/64 "
+      "arrays, keep regenerated from Philox (see kernels.h).");
+  m.def(
+      "keep_masks_cpu",
+      [](uintptr_t keys, int64_t num_keys, int64_t rows, int64_t cols, uint64_t e0,
+         uint32_t threshold, uintptr_t out) {
+        if (num_keys > 0 && keys == 0) throw std::invalid_argument("dropflat: null keys pointer");
+        dropflat::keep_masks_cpu(reinterpret_cast<const uint64_t*>(keys), num_keys,
+                                 rows, cols, e0, threshold,
+                                 checked_out<uint8_t>(num_keys * rows * cols, out));
+      },
+      py::arg("keys"), py::arg("num_keys"), py::arg("rows"), py::arg("cols"),
+      py::arg("e0"), py::arg("threshold"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Keep flags (uint8 [num_keys, rows, cols]) of num_keys uint64 keys.");
+  m.def(
+      "fused_dropout_cuda",
+      []([[maybe_unused]] uintptr_t x, [[maybe_unused]] uintptr_t y,
+         [[maybe_unused]] bool is_double, [[maybe_unused]] int64_t rows,
+         [[maybe_unused]] int64_t cols, [[maybe_unused]] int64_t inner,
+         [[maybe_unused]] uint64_t key, [[maybe_unused]] uint64_t e0,
+         [[maybe_unused]] uint32_t threshold, [[maybe_unused]] double scale,
+         [[maybe_unused]] int device, [[maybe_unused]] uintptr_t stream) {
+#if DROPFLAT_WITH_CUDA
+        dropflat::fused_dropout_cuda(reinterpret_cast<const void*>(x),
+                                     reinterpret_cast<void*>(y), is_double, rows,
+                                     cols, inner, key, e0, threshold, scale, device,
+                                     reinterpret_cast<void*>(stream));
+#else
+        throw std::runtime_error(kNoCuda);
+#endif
+      },
+      py::arg("x"), py::arg("y"), py::arg("is_double"), py::arg("rows"),
+      py::arg("cols"), py::arg("inner"), py::arg("key"), py::arg("e0"),
+      py::arg("threshold"), py::arg("scale"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "CUDA version of fused_dropout_cpu (device memory, enqueued on `stream`).");
+  m.def(
+      "keep_masks_cuda",
+      []([[maybe_unused]] uintptr_t keys, [[maybe_unused]] int64_t num_keys,
+         [[maybe_unused]] int64_t rows, [[maybe_unused]] int64_t cols,
+         [[maybe_unused]] uint64_t e0, [[maybe_unused]] uint32_t threshold,
+         [[maybe_unused]] uintptr_t out, [[maybe_unused]] int device,
+         [[maybe_unused]] uintptr_t stream) {
+#if DROPFLAT_WITH_CUDA
+        dropflat::keep_masks_cuda(reinterpret_cast<const uint64_t*>(keys), num_keys,
+                                  rows, cols, e0, threshold,
+                                  reinterpret_cast<uint8_t*>(out), device,
+                                  reinterpret_cast<void*>(stream));
+#else
+        throw std::runtime_error(kNoCuda);
+#endif
+      },
+      py::arg("keys"), py::arg("num_keys"), py::arg("rows"), py::arg("cols"),
+      py::arg("e0"), py::arg("threshold"), py::arg("out"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "CUDA version of keep_masks_cpu (keys and out in device memory).");
+  // --- end fused replayable dropout
+
+  // --- per-sample gradient ghost Gram (csrc/cpu/gram_cpu.cpp);
+  // dropflat/kernels/gram.py checks shapes, dtypes and contiguity.
+  m.def(
+      "ghost_gram_cpu",
+      [](int64_t N, int64_t T, int64_t din, int64_t dout, uintptr_t a,
+         uintptr_t d, uintptr_t out, bool is_double) {
+        if (N < 0 || T < 0 || din < 0 || dout < 0)
+          throw std::invalid_argument("dropflat: ghost_gram sizes must be >= 0");
+        if (N > 0 && (a == 0 || d == 0 || out == 0))
+          throw std::invalid_argument("dropflat: null pointer");
+        if (is_double) {
+          dropflat::ghost_gram_cpu_f64(N, T, din, dout, reinterpret_cast<const double*>(a),
+                                       reinterpret_cast<const double*>(d),
+                                       reinterpret_cast<double*>(out));
+        } else {
+          dropflat::ghost_gram_cpu_f32(N, T, din, dout, reinterpret_cast<const float*>(a),
+                                       reinterpret_cast<const float*>(d),
+                                       reinterpret_cast<float*>(out));
+        }
+      },
+      py::arg("N"), py::arg("T"), py::arg("din"), py::arg("dout"), py::arg("a"),
+      py::arg("d"), py::arg("out"), py::arg("is_double"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[N, N] = sum_{t,s} (a_it . a_js)(d_it . d_js) for a [N, T, din], "
+      "d [N, T, dout] (float32, or float64 with is_double).");
+  // --- end per-sample gradient ghost Gram
+
   m.def(
       "openmp_max_threads",
       []() -> int {

@@ -18,3 +18,16 @@ def fresh_seed():
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

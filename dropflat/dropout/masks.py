@@ -21,16 +21,27 @@ Two regimes:
 (torch.Size([3, 4]), torch.bool)
 >>> bool((keep_mask((3, 4), 0.5, mask_key(0, 0, 0), 1, "per_sample")[:2] == m[1:]).all())  # batching-independent
 True
+
+:func:`keep_masks` gives the masks of many mask indices in one kernel launch,
+and :func:`dropflat.kernels.dropout.fused_dropout` applies a mask to a tensor
+in one pass without materialising it; both follow :func:`mask_layout`.
+
+>>> keys = [mask_key(0, i, 0) for i in range(3)]
+>>> bool((keep_masks((3, 4), 0.5, keys, 0, "per_sample")[1] == keep_mask((3, 4), 0.5, keys[1], 0, "per_sample")).all())
+True
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..kernels.philox import philox_uniform
 
-__all__ = ["mask_key", "keep_mask", "REGIMES"]
+__all__ = ["REGIMES", "MaskLayout", "keep_mask", "keep_masks", "keep_threshold", "mask_key", "mask_layout"]
 
 REGIMES = ("per_sample", "shared")
 _MASK64 = (1 << 64) - 1
@@ -57,25 +68,93 @@ def uniforms(key: int, start: int, n: int, device) -> torch.Tensor:
 
 
 def keep_mask(shape: Sequence[int], q: float, key: int, sample_offset: int, regime: str,
-              device="cpu", batch_size: Optional[int] = None) -> torch.Tensor:
+              device="cpu", batch_size: int | None = None) -> torch.Tensor:
     """Boolean keep-mask of ``shape`` for the samples ``sample_offset .. sample_offset + batch_size - 1``.
 
     The tensor is sample-major: its ``numel`` splits into ``batch_size`` equal,
     contiguous per-sample blocks (``batch_size`` defaults to ``shape[0]``; an
     attention tensor of shape ``[batch·heads, L, S]`` has ``heads`` rows per sample).
     """
-    if regime not in REGIMES:
-        raise ValueError(f"masks must be one of {REGIMES}, got {regime!r}")
-    shape = tuple(int(s) for s in shape)
-    batch = shape[0] if batch_size is None else int(batch_size)
-    numel = 1
-    for s in shape:
-        numel *= s
-    if batch <= 0 or numel % batch:
-        raise ValueError(f"a dropout input of shape {shape} does not split into {batch} samples")
-    F = numel // batch
+    layout = mask_layout(shape, regime, sample_offset, batch_size)
+    batch, F = layout.batch, layout.cols // (1 if regime == "shared" else layout.batch)
     if regime == "shared":
         u = uniforms(key, 0, F, device).reshape(1, F).expand(batch, F)
     else:
         u = uniforms(key, sample_offset * F, batch * F, device).reshape(batch, F)
     return (u >= q).reshape(shape)
+
+
+class MaskLayout(NamedTuple):
+    """Where the mask of a dropout input comes from, as the compiled kernels see it.
+
+    The input, viewed as a contiguous ``[rows, cols, inner]`` array, has its
+    element ``(r, j, s)`` kept iff mask element ``e0 + j`` of the Philox
+    stream is kept: ``per_sample`` is one stream over the whole batch
+    (``rows = 1``, ``e0 = sample_offset · F``), ``shared`` the same ``F``
+    elements for every sample (``rows = batch``, ``e0 = 0``). ``inner > 1``
+    broadcasts each mask element over a block (channel dropout's spatial dims).
+    """
+
+    rows: int
+    cols: int
+    inner: int
+    e0: int
+    batch: int
+
+
+def mask_layout(shape: Sequence[int], regime: str, sample_offset: int, batch_size: int | None = None,
+                mask_ndim: int | None = None) -> MaskLayout:
+    """The :class:`MaskLayout` of a mask over the first ``mask_ndim`` dims of ``shape`` (all by default).
+
+    >>> mask_layout((4, 3, 5), "per_sample", sample_offset=10, mask_ndim=2)
+    MaskLayout(rows=1, cols=12, inner=5, e0=30, batch=4)
+    >>> mask_layout((4, 3, 5), "shared", sample_offset=10, mask_ndim=2)
+    MaskLayout(rows=4, cols=3, inner=5, e0=0, batch=4)
+    """
+    if regime not in REGIMES:
+        raise ValueError(f"masks must be one of {REGIMES}, got {regime!r}")
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape) if mask_ndim is None else int(mask_ndim)
+    if not 1 <= ndim <= len(shape):
+        raise ValueError(f"mask_ndim must be between 1 and the number of dims of {shape}, got {mask_ndim}")
+    batch = shape[0] if batch_size is None else int(batch_size)
+    numel = math.prod(shape[:ndim])
+    if batch <= 0 or numel % batch:
+        raise ValueError(f"a dropout input of shape {shape} does not split into {batch} samples")
+    sample_offset = int(sample_offset)
+    if sample_offset < 0:
+        raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+    F, inner = numel // batch, math.prod(shape[ndim:])
+    if regime == "shared":
+        return MaskLayout(batch, F, inner, 0, batch)
+    return MaskLayout(1, numel, inner, sample_offset * F, batch)
+
+
+def keep_threshold(q: float) -> int:
+    """The integer ``t`` with ``keep  <=>  (word >> 8) >= t``, exactly as :func:`keep_mask` decides.
+
+    ``keep_mask`` compares the float32 uniform ``(word >> 8) · 2⁻²⁴`` with
+    ``q``, and torch rounds the Python scalar ``q`` to float32 for that
+    comparison; so ``t = ceil(float32(q) · 2²⁴)`` (exact in float64).
+
+    >>> keep_threshold(0.0), keep_threshold(0.5), keep_threshold(1.0)
+    (0, 8388608, 16777216)
+    """
+    q = float(q)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"the drop probability q must be in [0, 1], got {q}")
+    return math.ceil(float(np.float32(q)) * 2.0**24)
+
+
+def keep_masks(shape: Sequence[int], q: float, keys: Sequence[int], sample_offset: int, regime: str,
+               device="cpu", batch_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """The masks of many keys for one batch, ``[M, *shape]`` bool, in one kernel launch.
+
+    Row ``m`` is exactly ``keep_mask(shape, q, keys[m], sample_offset, regime, device, batch_size)``.
+    ``backend``: ``'cpp'``, ``'cuda'``, ``'triton'`` or ``'torch'`` (a loop of
+    :func:`keep_mask`); by default the compiled kernel of ``device``.
+    """
+    from ..kernels.dropout import keep_masks_kernel  # the kernels import this module
+
+    return keep_masks_kernel(shape, q, keys, sample_offset, regime, device=device, batch_size=batch_size,
+                             backend=backend)

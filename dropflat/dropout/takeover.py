@@ -7,6 +7,9 @@ Inside :func:`replay_dropout`, ``F.dropout``, ``F.dropout1d/2d/3d`` and
 inside ``nn.MultiheadAttention`` / ``nn.Transformer*`` (which call the same
 functions). Call sites are numbered in the order they run in one forward pass,
 so a mask is identified by (seed, mask index, call-site number, element).
+Masks are applied by :func:`dropflat.kernels.dropout.fused_dropout`: one pass
+over the input, the mask regenerated from Philox (in backward too) instead of
+stored for autograd.
 
 The functions are swapped on the ``torch.nn.functional`` module for the
 duration of the context (restored on exit, exceptions included): a torch
@@ -18,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.dropout import fused_dropout
 from .masks import REGIMES, keep_mask, mask_key
 
-__all__ = ["MaskSource", "replay_dropout", "NoDropoutError", "no_dropout_message"]
+__all__ = ["MaskSource", "NoDropoutError", "no_dropout_message", "replay_dropout"]
 
 _LOCK = threading.Lock()
 
@@ -51,9 +55,20 @@ class MaskSource:
             raise ValueError(f"masks must be one of {REGIMES}, got {self.regime!r}")
 
     def keep(self, shape, q: float, device) -> torch.Tensor:
+        """The keep-mask of the next call site (and count the site)."""
         key = mask_key(self.seed, self.mask_index, self.sites)
         self.sites += 1
         return keep_mask(shape, q, key, self.sample_offset, self.regime, device=device, batch_size=self._batch(shape))
+
+    def apply(self, x: torch.Tensor, q: float, mask_ndim=None) -> torch.Tensor:
+        """``x ⊙ keep / (1 - q)`` with the next call site's mask, fused (mask never stored; see fused_dropout).
+
+        ``mask_ndim``: the mask covers ``x``'s first ``mask_ndim`` dims and
+        broadcasts over the rest (channel dropout); default all dims.
+        """
+        key = mask_key(self.seed, self.mask_index, self.sites)
+        self.sites += 1
+        return fused_dropout(x, q, key, self.sample_offset, self.regime, self._batch(x.shape), mask_ndim=mask_ndim)
 
     def _batch(self, shape) -> int:
         if shape and shape[0] % self.batch_size == 0:
@@ -63,10 +78,6 @@ class MaskSource:
             f"a multiple of the batch size {self.batch_size}; replayable masks need sample-major tensors "
             "(use batch_first=True in attention and transformer layers)"
         )
-
-
-def _scaled(x: torch.Tensor, keep: torch.Tensor, q: float) -> torch.Tensor:
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - q))
 
 
 def _check_p(p: float) -> float:
@@ -88,7 +99,7 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
             return input
         if p == 1.0:
             return input * 0.0
-        return _scaled(input, source.keep(input.shape, p, input.device), p)
+        return source.apply(input, p)
 
     def channel_dropout(dims):
         def fn(input, p=0.5, training=True, inplace=False):
@@ -98,8 +109,8 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
             if input.dim() != dims + 2:
                 raise ValueError(f"dropout{dims}d under replayable masks needs batched input of {dims + 2} dimensions, "
                                  f"got shape {tuple(input.shape)}")
-            keep = source.keep(input.shape[:2], p, input.device)
-            return _scaled(input, keep.reshape(*input.shape[:2], *([1] * dims)), p)
+            # One mask element per (sample, channel), broadcast over the spatial dims in the kernel.
+            return source.apply(input, p, mask_ndim=2)
         return fn
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):

@@ -30,6 +30,7 @@ class MeasureConfig:
     density_steps: int = 40
     directions: int = 5          # filter-normalised random directions for interval flatness and 1-D curves
     kappa: float = 2.0           # interval flatness level: L = kappa * L*
+    flatness_tol: float = 1e-2   # relative precision of the crossings (each halving costs one data pass)
     curve_radius: float = 1.0    # 1-D loss curves over alpha in [-radius, radius] ...
     curve_points: int = 21       # ... at this many points
     num_masks: int = 64          # dropout masks for the noise covariance
@@ -52,8 +53,10 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
     # Filter-normalised directions keep their scale (distances in units of the direction, as in Li et al.):
     # that scale is what makes minima of differently scaled ReLU networks comparable.
     random_dirs = filter_normalized_direction(model, seed=seed, k=cfg.directions)
-    flat_random = interval_flatness(model, loader, random_dirs, kappa=cfg.kappa, loss_fn=loss_fn, normalize=False)
-    flat_top = interval_flatness(model, loader, spec.eigenvectors[: cfg.top_k], kappa=cfg.kappa, loss_fn=loss_fn)
+    flat_random = interval_flatness(model, loader, random_dirs, kappa=cfg.kappa, loss_fn=loss_fn, normalize=False,
+                                    tol=cfg.flatness_tol)
+    flat_top = interval_flatness(model, loader, spec.eigenvectors[: cfg.top_k], kappa=cfg.kappa, loss_fn=loss_fn,
+                                 tol=cfg.flatness_tol)
     alphas = torch.linspace(-cfg.curve_radius, cfg.curve_radius, cfg.curve_points, dtype=torch.float64)
     curves = loss_along(model, loader, random_dirs, alphas, loss_fn=loss_fn)
     record = {

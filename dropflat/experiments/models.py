@@ -29,8 +29,13 @@ def mlp(sizes: Sequence[int], drops: Sequence[float]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def vgg9(num_classes: int = 10, drop: float = 0.2, width: float = 1.0) -> nn.Sequential:
-    """VGG-9 (7 convolutions with BatchNorm, 2 linear layers), dropout after every pooling layer."""
+def vgg9(num_classes: int = 10, drop: float = 0.2, width: float = 1.0, batchnorm: bool = True) -> nn.Sequential:
+    """VGG-9 (7 convolutions, with BatchNorm by default, and 2 linear layers), dropout after every pooling layer.
+
+    Without BatchNorm, full-batch gradient descent at the paper's learning rates does
+    not leave the initial plateau on small subsets; with it, see
+    :func:`~dropflat.experiments.training.recalibrate_batchnorm` for the statistics.
+    """
     plan = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, "M"]
     layers: List[nn.Module] = []
     c_in = 3
@@ -39,7 +44,8 @@ def vgg9(num_classes: int = 10, drop: float = 0.2, width: float = 1.0) -> nn.Seq
             layers += [nn.MaxPool2d(2), nn.Dropout(drop)]
         else:
             c = max(4, int(round(v * width)))
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            layers += ([nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)] if batchnorm
+                       else [nn.Conv2d(c_in, c, 3, padding=1)]) + [nn.ReLU()]
             c_in = c
     hidden = max(8, int(round(512 * width)))
     layers += [nn.Flatten(), nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]

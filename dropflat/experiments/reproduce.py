@@ -69,7 +69,7 @@ def _fnn_mnist(root, quick: bool, device) -> Experiment:
 
 
 def _vgg_cifar10(root, quick: bool, device) -> Experiment:
-    n_train, width, steps = (256, 0.125, 80) if quick else (2048, 1.0, 300)
+    n_train, width, steps = (256, 0.125, 150) if quick else (2048, 1.0, 300)
     x, y = _images(root, "cifar10", "train", n_train, device)
     xt, yt = _images(root, "cifar10", "test", 500 if quick else None, device)
     milestones = tuple(int(steps * f) for f in (0.5, 0.75, 275 / 300))
@@ -79,7 +79,7 @@ def _vgg_cifar10(root, quick: bool, device) -> Experiment:
         train_batches=split_batches(x, y, 256), curvature_batches=split_batches(x, y, 256),
         accuracy=accuracy_on(xt, yt), loss_fn=F.cross_entropy,
         train=TrainConfig(optimizer="nesterov", lr=0.1 if not quick else 0.05, steps=steps, milestones=milestones,
-                          checkpoint_every=25),
+                          target_loss=1e-3 if quick else None, checkpoint_every=25),
         measure=_measure(quick), settings={"width": width, "n_train": len(y), "quick": quick})
 
 
@@ -151,7 +151,7 @@ EXPERIMENTS: Dict[str, Callable] = {
 
 
 def build_experiment(name: str, data_dir=None, *, quick: bool = False, device: str = "cpu",
-                     steps: Optional[int] = None) -> Experiment:
+                     steps: Optional[int] = None, measure: Optional[MeasureConfig] = None) -> Experiment:
     """The :class:`Experiment` for ``name`` on the data in ``data_dir`` (default :func:`dropflat.datasets.default_data_dir`)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
@@ -161,12 +161,18 @@ def build_experiment(name: str, data_dir=None, *, quick: bool = False, device: s
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         exp.train.steps = steps
+    if measure is not None:
+        exp.measure = measure
     return exp
 
 
 def reproduce(name: str, data_dir=None, out=None, *, quick: bool = False, seed: int = 0, device: str = "cpu",
-              steps: Optional[int] = None, progress: Optional[bool] = None, resume: bool = True) -> Dict:
-    """Build experiment ``name`` and run it (see :func:`dropflat.experiments.runner.run_experiment`)."""
-    exp = build_experiment(name, data_dir, quick=quick, device=device, steps=steps)
+              steps: Optional[int] = None, measure: Optional[MeasureConfig] = None,
+              progress: Optional[bool] = None, resume: bool = True) -> Dict:
+    """Build experiment ``name`` and run it (see :func:`dropflat.experiments.runner.run_experiment`).
+
+    ``steps`` and ``measure`` override the preset's training length and measurement budget.
+    """
+    exp = build_experiment(name, data_dir, quick=quick, device=device, steps=steps, measure=measure)
     out = out if out is not None else f"dropflat-{name}" + ("-quick" if quick else "")
     return run_experiment(exp, out, seed=seed, device=device, progress=progress, resume=resume)

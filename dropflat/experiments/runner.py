@@ -22,7 +22,7 @@ from ..progress import resolve_progress
 from .measure import MeasureConfig, measure
 from .plots import plot_comparison
 from .report import write_report
-from .training import TrainConfig, train
+from .training import TrainConfig, recalibrate_batchnorm, train
 
 __all__ = ["Experiment", "run_experiment", "split_batches", "accuracy_on"]
 
@@ -65,6 +65,7 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
                 ckpt.unlink()
             log = train(model, exp.train_batches, exp.loss_fn, exp.train, seed=seed, checkpoint=ckpt,
                         fingerprint=fingerprint, progress=show, label=label.replace("_", " "))
+            recalibrated = recalibrate_batchnorm(model, exp.train_batches)
             cached = out / "checkpoints" / f"{label}.measure.pt"
             record = _load_measurement(cached, fingerprint, exp.measure) if resume else None
             if record is None:
@@ -72,7 +73,7 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
                                  with_noise=with_dropout, seed=seed, progress=show)
                 torch.save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
             extras[label] = {k: record.pop(k) for k in [k for k in record if k.startswith("_")]}
-            record.update(train_steps=log.steps, resumed_from_step=log.resumed_from,
+            record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps, resumed_from_step=log.resumed_from,
                           train_curve=log.losses[:: max(1, len(log.losses) // 100)])
             runs[label] = record
     report = {

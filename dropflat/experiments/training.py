@@ -20,7 +20,7 @@ from torch import nn
 from ..data import call_model
 from ..progress import progress_bar
 
-__all__ = ["TrainConfig", "TrainLog", "train", "mean_loss"]
+__all__ = ["TrainConfig", "TrainLog", "train", "mean_loss", "recalibrate_batchnorm"]
 
 
 @dataclass
@@ -165,3 +165,33 @@ def save_checkpoint(path: Path, model: nn.Module, opt, log: TrainLog, fingerprin
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                 "log": asdict(log), "fingerprint": fingerprint}, tmp)
     os.replace(tmp, path)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence) -> bool:
+    """Set BatchNorm running statistics to the exact dropout-off statistics of ``batches``; False if no BatchNorm.
+
+    Trained with dropout, running statistics describe dropped-out activations (rescaled,
+    but with a different variance), so the dropout-off network that curvature is
+    measured on would not be the function that was trained towards. Both runs of an
+    experiment are recalibrated, so they are compared the same way.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                call_model(model, x)
+    finally:
+        for m, mom in momenta:
+            m.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+    return True

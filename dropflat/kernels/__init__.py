@@ -7,12 +7,17 @@ the extension is unavailable, and only calling a compiled kernel raises
 """
 import importlib.metadata
 import importlib.util
+import os
 
 import torch
 
 try:
     # Not `from dropflat import _C`: while dropflat/__init__ is still running
     # that reports a missing module as a "circular import".
+    # dropflat._C links the system OpenMP runtime beside torch's own; two pools of spinning
+    # threads on few cores stall each other for milliseconds. Passive waiting avoids that
+    # (read once, when the runtime loads; a user's own setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import dropflat._C as _C
     _C_IMPORT_ERROR = None
 except ImportError as exc:  # not built, or built for another Python
