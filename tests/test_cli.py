@@ -24,8 +24,9 @@ def test_demo_writes_report(tmp_path, capsys):
     assert {"cosine", "null_mean", "null_std", "slope", "slope_ci"} <= set(a)
     assert -1.0 <= a["cosine"] <= 1.0 and a["null_std"] >= 0 and len(a["slope_ci"]) == 2
     assert "alignment" not in report["runs"]["no_dropout"]
-    assert (out / "report.md").read_text().startswith("# dropflat demo")
-    assert (out / "density.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(len(run["interval_flatness"]) == 5 for run in report["runs"].values())
+    assert (out / "report.md").read_text().startswith("# dropflat: demo-digits-mlp")
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "λ_max" in printed and "report.json" in printed
 

@@ -98,7 +98,7 @@ def _resnet_cifar100(root, quick: bool, device) -> Experiment:
 
 
 def _transformer_multi30k(root, quick: bool, device) -> Experiment:
-    n_pairs, layers, steps, warmup = (256, 1, 150, 20) if quick else (2048, 3, 10000, 4000)
+    n_pairs, layers, steps, warmup = (128, 1, 150, 20) if quick else (2048, 3, 10000, 4000)
     src, tgt = datasets.load_multi30k(root, "train")
     src_t, tgt_t = datasets.load_multi30k(root, "test2016")
     src, tgt = src[:n_pairs], tgt[:n_pairs]
