@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
 import dropflat
+
 import models
 
 K = 8  # vectors per block product
@@ -182,7 +183,7 @@ def func_jvp(s: Setup, v: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(v)
     with math_attention():
         for w, (x, y) in zip(loss_weights(s), s.loader):
-            _, hv = jvp(lambda p: g(p, x, y), (params,), (tangent,))
+            _, hv = jvp(lambda p, x=x, y=y: g(p, x, y), (params,), (tangent,))
             out.add_(dropflat.flatten(hv[n] for n in names), alpha=w)
     return out
 
@@ -194,7 +195,7 @@ def func_vmap(s: Setup, V: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(V)
     with math_attention():
         for w, (x, y) in zip(loss_weights(s), s.loader):
-            hv = vmap(lambda t: jvp(lambda p: g(p, x, y), (params,), (t,))[1])(tangents)
+            hv = vmap(lambda t, x=x, y=y: jvp(lambda p: g(p, x, y), (params,), (t,))[1])(tangents)
             flat = torch.cat([hv[n].reshape(V.shape[1], -1) for n in names], dim=1).T
             out.add_(flat, alpha=w)
     return out

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropflat
+
 import models
 
 # top-5 always; top-10 too with DROPFLAT_BENCH_KS=5,10 (it roughly doubles the suite's time).

@@ -11,14 +11,32 @@ filter-normalised directions, trajectory PCA, inverse variance–flatness);
 closed forms in :mod:`dropflat.theory`; the stochastic modified equation in
 :mod:`dropflat.sme`; the paper's experiments behind ``dropflat reproduce``.
 """
+from .dropout import NoDropoutError
+from .flatness import (
+                       IntervalFlatness,
+                       LossCurve,
+                       TrajectoryPCA,
+                       VarianceFlatness,
+                       dropout_trajectory,
+                       filter_normalized_direction,
+                       interval_flatness,
+                       level_crossing,
+                       loss_along,
+                       trajectory_pca,
+                       variance_flatness,
+)
 from .kernels import build_info
 from .linalg import frobenius_norm, hessian_trace, lanczos, spectral_density
-from .dropout import NoDropoutError
-from .flatness import (IntervalFlatness, LossCurve, TrajectoryPCA, VarianceFlatness, dropout_trajectory,
-                       filter_normalized_direction, interval_flatness, level_crossing, loss_along, trajectory_pca,
-                       variance_flatness)
-from .noise import (Alignment, NoiseCovariance, NoiseDecomposition, PerSampleGradients, alignment, dropout_noise,
-                    noise_decomposition, sgd_noise)
+from .noise import (
+                       Alignment,
+                       NoiseCovariance,
+                       NoiseDecomposition,
+                       PerSampleGradients,
+                       alignment,
+                       dropout_noise,
+                       noise_decomposition,
+                       sgd_noise,
+)
 from .operators import DenseOperator, HessianOperator, LinearOperator, as_operator
 from .params import flatten, select_parameters, unflatten
 from .results import Density, Estimate, Spectrum

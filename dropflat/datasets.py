@@ -357,7 +357,7 @@ def image_tensor(x, mean: float | Sequence[float] | None = None,
         raise ValueError(f"image_tensor expects shape [N, H, W, C] or [N, H, W], got {tuple(x.shape)}")
     out = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     channels = out.shape[1]
-    for what, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+    for what, value in (("mean", mean), ("std", std)):
         if value is None:
             continue
         v = torch.as_tensor(value, dtype=torch.float32).flatten()

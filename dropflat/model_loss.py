@@ -15,8 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import Batch, call_model, iterate_batches
-from .model_state import check_modes, preserved, set_modes
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
+from .model_state import check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
 

@@ -63,7 +63,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .model_loss import ModelLoss, flat_grads
+from .model_loss import ModelLoss
 from .noise.covariance import _center
 from .operators.hessian import HessianOperator
 from .params import ParamSpec, flatten, select_parameters, unflatten

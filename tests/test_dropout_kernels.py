@@ -113,7 +113,8 @@ def test_deterministic_and_key_dependent(fresh_seed):
     assert torch.equal(a, fused_dropout(x, 0.5, key, 7, "per_sample"))
     assert not torch.equal(a, fused_dropout(x, 0.5, mask_key(fresh_seed, 1, 0), 7, "per_sample"))
     # per-sample masks do not depend on batching: samples 7..106 split in two batches
-    parts = torch.cat([fused_dropout(x[:30], 0.5, key, 7, "per_sample"), fused_dropout(x[30:], 0.5, key, 37, "per_sample")])
+    parts = torch.cat([fused_dropout(x[:30], 0.5, key, 7, "per_sample"),
+                       fused_dropout(x[30:], 0.5, key, 37, "per_sample")])
     assert torch.equal(a, parts)
 
 

@@ -11,7 +11,8 @@ from torch.func import functional_call
 
 import dropflat
 from dropflat.dropout import NoDropoutError, keep_mask, mask_key
-from dropflat.noise.covariance import dropout_noise, NoiseCovariance
+from dropflat.noise.covariance import NoiseCovariance, dropout_noise
+
 from families import dense_hessian, make_case, named_parts
 
 
@@ -185,7 +186,8 @@ def test_mean_mode_is_average_of_fixed_masks(fresh_seed):
 
 def test_per_sample_masks_independent_of_batching(fresh_seed):
     model, loader = make_case("mlp-relu", fresh_seed)
-    X = torch.cat([x for x, _ in loader]); Y = torch.cat([t for _, t in loader])
+    X = torch.cat([x for x, _ in loader])
+    Y = torch.cat([t for _, t in loader])
     V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
     a = dropflat.HessianOperator(model, [(X, Y)], dropout="fixed", mask_seed=fresh_seed) @ V
     b = dropflat.HessianOperator(model, loader, dropout="fixed", mask_seed=fresh_seed) @ V

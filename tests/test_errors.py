@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import dropflat
+
 from families import make_case
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from families import assert_untouched, make_case, named_parts, snapshot
 from torch import nn
 from torch.func import functional_call
 
@@ -24,6 +23,8 @@ from dropflat.flatness import (
     trajectory_pca,
     variance_flatness,
 )
+
+from families import assert_untouched, make_case, named_parts, snapshot
 
 f64 = torch.float64
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropflat
+
 from families import FAMILIES, dense_hessian, make_case
 
 
@@ -59,7 +60,8 @@ def test_batchnorm_batch_statistics(fresh_seed):
 def test_uneven_batches_weighted_by_size(fresh_seed):
     """Same samples, different batching: same Hessian (mean over samples, not of batch means)."""
     model, loader = make_case("mlp-tanh", fresh_seed, n=23, batch=8)
-    X = torch.cat([x for x, _ in loader]); Y = torch.cat([y for _, y in loader])
+    X = torch.cat([x for x, _ in loader])
+    Y = torch.cat([y for _, y in loader])
     one_batch = [(X, Y)]
     ragged = [(X[:1], Y[:1]), (X[1:20], Y[1:20]), (X[20:], Y[20:])]
     V = torch.randn(dropflat.HessianOperator(model, loader).shape[0], 3, dtype=torch.float64)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from families import SmallCNN, assert_untouched, snapshot
 from torch import nn
 
 import dropflat
@@ -27,6 +26,8 @@ from dropflat.dropout import keep_mask, mask_key
 from dropflat.kernels import gram as kg
 from dropflat.noise import PerSampleGradients, noise_decomposition, sgd_noise
 from dropflat.noise.persample import choose_path, path_costs
+
+from families import SmallCNN, assert_untouched, snapshot
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -146,7 +147,10 @@ def dense_per_sample(model, loader, loss_fn=F.cross_entropy):
 
 
 def mlp_masked_per_sample(model, X, Y, masks):
-    """``[P, n]`` per-sample gradients of :func:`mlp` with explicit keep-masks ``masks [n, 6]`` (bool) on its dropout."""
+    """``[P, n]`` per-sample gradients of :func:`mlp`.
+
+    With explicit keep-masks ``masks [n, 6]`` (bool) on its dropout.
+    """
     ref = copy.deepcopy(model).double()
     q = ref[2].p
     params = list(ref.parameters())

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from families import FAMILIES, assert_untouched, make_case, named_parts, snapshot
 from torch import nn
 
 from dropflat.dropout import NoDropoutError, keep_mask, mask_key
 from dropflat.sme import SMETrajectory, simulate_dropout_gd, simulate_sme
+
+from families import FAMILIES, assert_untouched, make_case, named_parts, snapshot
 
 
 @pytest.fixture(autouse=True)

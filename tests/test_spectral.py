@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dropflat
+
 from families import dense_hessian, make_case
 
 

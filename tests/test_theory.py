@@ -5,6 +5,7 @@ import torch
 
 import dropflat
 from dropflat import theory
+
 from test_dropout_noise import exact_covariance, half_mse, two_layer
 
 

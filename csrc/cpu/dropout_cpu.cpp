@@ -15,16 +15,10 @@
 #include <array>
 #include <cstdint>
 
+#include "clones.h"
 #include "kernels.h"
 #include "philox.h"
 
-// The same function multi-versioning as philox_cpu.cpp (see there): an
-// AVX-512 clone of the vectorizable loops, picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DROPFLAT_DROPOUT_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define DROPFLAT_DROPOUT_CLONES
-#endif
 
 namespace dropflat {
 namespace {
@@ -37,7 +31,7 @@ constexpr int64_t kParallelThreshold = 1 << 15;
 // flags[k] = keep flag of mask element e0 + k, k < len <= kTile.  Whole
 // Philox blocks are generated into `buf` (a loop the compiler vectorizes
 // across counters); the returned pointer skips the first block's unused words.
-DROPFLAT_DROPOUT_CLONES
+DROPFLAT_CLONES("arch=x86-64-v4")
 const uint8_t* keep_flags(uint64_t key, uint64_t e0, int64_t len, uint32_t threshold,
                           std::array<uint8_t, kTile + 8>& buf) {
   const uint64_t first = e0 >> 2;
@@ -51,7 +45,7 @@ const uint8_t* keep_flags(uint64_t key, uint64_t e0, int64_t len, uint32_t thres
 }
 
 template <typename T>
-DROPFLAT_DROPOUT_CLONES void scale_rows(const T* x, T* y, const uint8_t* flags, int64_t len,
+DROPFLAT_CLONES("arch=x86-64-v4") void scale_rows(const T* x, T* y, const uint8_t* flags, int64_t len,
                                         int64_t inner, int64_t row_stride, int64_t rows,
                                         T scale) {
   const T zero = T(0);

@@ -11,13 +11,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "clones.h"
 #include "kernels.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DROPFLAT_GRAM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DROPFLAT_GRAM_CLONES
-#endif
 
 namespace dropflat {
 namespace {
@@ -35,7 +31,7 @@ std::vector<F> transpose_positions(const F* x, int64_t N, int64_t T, int64_t w) 
 
 // sum_t sum_s (a_it . a_js)(d_it . d_js) for one pair; ra, rd: scratch of T.
 template <typename F>
-DROPFLAT_GRAM_CLONES double pair_value(const F* ai, const F* aTj, const F* di, const F* dTj, int64_t T,
+DROPFLAT_CLONES("arch=x86-64-v3") double pair_value(const F* ai, const F* aTj, const F* di, const F* dTj, int64_t T,
                                        int64_t din, int64_t dout, F* ra, F* rd) {
   double acc = 0.0;
   for (int64_t t = 0; t < T; ++t) {

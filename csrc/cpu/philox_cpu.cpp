@@ -5,19 +5,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "clones.h"
 #include "kernels.h"
 #include "philox.h"
 
-// On x86-64 Linux with GCC, the tile loops also get an x86-64-v4 (AVX-512)
-// clone, chosen at load time from the CPU's features (function
-// multi-versioning): it runs 8 lanes per instruction instead of baseline
-// SSE2's 2 (~1.5-2.5x faster where available) while the binary still runs
-// on any x86-64, which a global -march flag would not allow.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DROPFLAT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define DROPFLAT_CPU_CLONES
-#endif
 
 namespace dropflat {
 namespace {
@@ -28,7 +19,7 @@ namespace {
 constexpr int64_t kTile = 1 << 12;
 constexpr int64_t kParallelThreshold = 1 << 14;
 
-DROPFLAT_CPU_CLONES
+DROPFLAT_CLONES("arch=x86-64-v4")
 void randint4x_tile(uint64_t seed, uint64_t offset, int64_t begin, int64_t end,
                     uint32_t* out) {
   for (int64_t i = begin; i < end; ++i) {
@@ -37,7 +28,7 @@ void randint4x_tile(uint64_t seed, uint64_t offset, int64_t begin, int64_t end,
   }
 }
 
-DROPFLAT_CPU_CLONES
+DROPFLAT_CLONES("arch=x86-64-v4")
 void uniform_tile(uint64_t seed, uint64_t offset, int64_t begin, int64_t end,
                   float* out) {
   for (int64_t i = begin; i < end; ++i) {

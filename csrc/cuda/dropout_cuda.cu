@@ -15,36 +15,18 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_utils.cuh"
 #include "kernels.h"
 #include "philox.h"
 
 namespace dropflat {
 namespace {
 
+using cuda::check;
+using cuda::DeviceGuard;
+
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride beyond this
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("dropflat CUDA error in ") + what +
-                             ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-class DeviceGuard {  // as in philox_cuda.cu: restore the caller's device
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 __device__ __forceinline__ bool keep_of(uint64_t key, uint64_t e, uint32_t threshold) {
   const philox::Block b = philox::randint4x(key, e >> 2);

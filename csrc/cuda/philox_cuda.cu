@@ -10,40 +10,20 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_utils.cuh"
 #include "kernels.h"
 #include "philox.h"
 
 namespace dropflat {
 namespace {
 
+using cuda::check;
+using cuda::DeviceGuard;
+
 constexpr int kThreads = 256;
 // A grid-stride loop over at most this many blocks: enough threads to fill
 // any current GPU, and launch sizes stay valid for any n.
 constexpr int64_t kMaxBlocks = 1 << 16;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("dropflat CUDA error in ") + what +
-                             ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device,
-// so torch's notion of the current device is left untouched.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // One 16-byte vector store per counter: both outputs are [n, 4] rows of
 // 4-byte words, so a row is exactly one uint4 / float4.

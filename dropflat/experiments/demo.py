@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .measure import MeasureConfig
 from .models import mlp
-from .runner import Experiment, run_experiment, accuracy_on, split_batches
+from .runner import Experiment, accuracy_on, run_experiment, split_batches
 from .training import TrainConfig
 
 __all__ = ["DemoConfig", "run_demo", "load_digits"]
@@ -67,7 +67,8 @@ def demo_experiment(cfg: DemoConfig) -> Experiment:
         train=TrainConfig(optimizer="adam", lr=cfg.lr, steps=cfg.steps, target_loss=cfg.target_loss,
                           checkpoint_every=250),
         measure=MeasureConfig(top_k=5, trace_matvecs=60, density_runs=4, density_steps=40, directions=5,
-                              num_masks=64, align_k=10),
+                              num_masks=64, align_k=10, trajectory_steps=200, trajectory_lr=0.1,
+                              track_every=50, track_masks=16),
         settings={"hidden": cfg.hidden, "drop": cfg.drop, "batch_size": cfg.batch_size})
 
 

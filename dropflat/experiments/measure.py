@@ -12,13 +12,13 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..flatness import filter_normalized_direction, interval_flatness, loss_along
+from ..flatness import dropout_trajectory, filter_normalized_direction, interval_flatness, loss_along, variance_flatness
 from ..linalg import lanczos, spectral_density
 from ..linalg.stochastic import trace_and_frobenius
 from ..noise import alignment, dropout_noise
 from ..operators import HessianOperator
 
-__all__ = ["MeasureConfig", "measure"]
+__all__ = ["MeasureConfig", "measure", "alignment_probe"]
 
 
 @dataclass
@@ -36,6 +36,11 @@ class MeasureConfig:
     num_masks: int = 64          # dropout masks for the noise covariance
     masks: str = "per_sample"    # mask regime of the noise ("per_sample": PyTorch's, "shared": the theory's)
     align_k: int = 10            # Hessian eigenpairs the noise is projected on
+    trajectory_steps: int = 0    # > 0: keep training with dropout this many GD steps from the minimum ...
+    trajectory_lr: float = 0.05  # ... at this learning rate, and fit the inverse variance–flatness relation
+    pca_k: int = 10              # over this many principal directions of the trajectory
+    track_every: int = 0         # > 0: cosine(H, C) of the dropout run every this many training steps ...
+    track_masks: int = 16        # ... from this many masks
 
 
 def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Callable[[nn.Module], float],
@@ -91,6 +96,14 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
                                "projected_variance": al.projected_variance.tolist()}
         record["noise_top_eigenvalues"] = noise.eigenvalues[: cfg.top_k].tolist()
         n_matvecs += al.n_matvecs
+    if with_noise and cfg.trajectory_steps > 0:
+        trajectory = dropout_trajectory(model, loader, steps=cfg.trajectory_steps, lr=cfg.trajectory_lr,
+                                        loss_fn=loss_fn, seed=seed, masks=cfg.masks)
+        vf = variance_flatness(model, loader, trajectory, k=min(cfg.pca_k, cfg.trajectory_steps - 1),
+                               kappa=cfg.kappa, seed=seed, loss_fn=loss_fn, tol=cfg.flatness_tol)
+        record["variance_flatness"] = {"exponent": vf.psi, "exponent_ci": list(vf.psi_ci),
+                                       "variances": vf.variances.tolist(), "flatness": _finite_list(vf.flatness),
+                                       "steps": cfg.trajectory_steps, "lr": cfg.trajectory_lr}
     record["hessian_matvecs"] = n_matvecs
     return record
 
@@ -98,3 +111,17 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
 def _finite_list(values) -> list:
     """JSON has no infinity: a width whose level was never reached is reported as ``None``."""
     return [float(v) if torch.isfinite(torch.as_tensor(v)) else None for v in values]
+
+
+def alignment_probe(loader: Sequence, loss_fn: Callable, cfg: MeasureConfig, seed: int = 0) -> Callable:
+    """``probe(model) -> {"cosine", "null_mean", "null_std", "train_loss"}``.
+
+    A cheap alignment check during training: few masks, two eigenpairs, loose tolerances.
+    """
+    def probe(model: nn.Module) -> Dict:
+        H = HessianOperator(model, loader, loss_fn)
+        noise = dropout_noise(model, loader, loss_fn, num_masks=cfg.track_masks, masks=cfg.masks, seed=seed)
+        al = alignment(H, noise, k=2, seed=seed, num_matvecs=min(cfg.trace_matvecs, 30), tol=1e-2)
+        return {"cosine": al.cosine, "null_mean": al.null_mean, "null_std": al.null_std,
+                "train_loss": H.loss_and_gradient()[0]}
+    return probe

@@ -113,7 +113,10 @@ class _Attention(nn.Module):
 
 
 class _Layer(nn.Module):
-    """Post-norm Transformer layer: self-attention, optional cross-attention, feed-forward; dropout on sub-layer outputs."""
+    """Post-norm Transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    Dropout acts on every sub-layer output, before the residual add.
+    """
 
     def __init__(self, d_model, heads, d_k, d_ff, drop, attn_drop, cross: bool):
         super().__init__()

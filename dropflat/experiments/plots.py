@@ -26,7 +26,7 @@ def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
     ax = axes[0, 0]
     for run, ex in extras.items():
         d = ex.get("_density")
@@ -59,7 +59,7 @@ def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]
            title="loss along random directions")
     ax.legend()
 
-    ax = axes[1, 1]
+    ax = axes[0, 2]
     a = runs["dropout"].get("alignment")
     if a:
         lam = np.asarray(a["hessian_eigenvalues"], dtype=float)
@@ -77,7 +77,46 @@ def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]
         ax.legend()
     else:
         ax.set_axis_off()
+    _variance_flatness(axes[1, 1], runs["dropout"].get("variance_flatness"))
+    _alignment_during_training(axes[1, 2], runs["dropout"].get("alignment_during_training"))
+    from matplotlib.ticker import NullFormatter
+
+    for ax in (axes[0, 2], axes[1, 1]):  # log axes spanning less than a decade label their minor ticks: overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=110)
     plt.close(fig)
     return ["summary.png"]
+
+
+def _variance_flatness(ax, vf) -> None:
+    if not vf:
+        ax.set_axis_off()
+        return
+    var = np.asarray(vf["variances"], dtype=float)
+    flat = np.asarray([np.nan if f is None else f for f in vf["flatness"]], dtype=float)
+    keep = np.isfinite(flat) & (var > 0) & (flat > 0)
+    ax.loglog(flat[keep], var[keep], "o", color=_COLORS["dropout"], label="PCA directions of the trajectory")
+    if keep.sum() >= 2 and np.isfinite(vf["exponent"]):
+        x = np.log(flat[keep])
+        icpt = np.mean(np.log(var[keep]) + vf["exponent"] * x)
+        xs = np.linspace(x.min(), x.max(), 20)
+        ax.loglog(np.exp(xs), np.exp(icpt - vf["exponent"] * xs), "--", color="gray",
+                  label=f"σ² ∝ F^(-ψ), ψ = {vf['exponent']:.2f}")
+    ax.set(xlabel="interval flatness F_i", ylabel="trajectory variance σ_i²",
+           title=f"variance vs flatness ({vf['steps']} dropout GD steps)")
+    ax.legend()
+
+
+def _alignment_during_training(ax, tracked) -> None:
+    if not tracked:
+        ax.set_axis_off()
+        return
+    steps = np.asarray([t["step"] for t in tracked], dtype=float)
+    cos = np.asarray([t["cosine"] for t in tracked], dtype=float)
+    null = np.asarray([t["null_mean"] for t in tracked], dtype=float)
+    band = 3 * np.asarray([t["null_std"] for t in tracked], dtype=float)
+    ax.plot(steps, cos, "o-", color=_COLORS["dropout"], label="cos(H, C)")
+    ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3, label="null ± 3 sd")
+    ax.set(xlabel="training step", ylabel="cosine", title="Hessian–noise alignment during training")
+    ax.legend()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import datasets
 from .measure import MeasureConfig
 from .models import Seq2SeqTransformer, mlp, resnet20, vgg9
-from .runner import Experiment, run_experiment, accuracy_on, split_batches
+from .runner import Experiment, accuracy_on, run_experiment, split_batches
 from .training import TrainConfig
 
 __all__ = ["EXPERIMENTS", "build_experiment", "reproduce"]
@@ -152,7 +152,10 @@ EXPERIMENTS: Dict[str, Callable] = {
 
 def build_experiment(name: str, data_dir=None, *, quick: bool = False, device: str = "cpu",
                      steps: Optional[int] = None, measure: Optional[MeasureConfig] = None) -> Experiment:
-    """The :class:`Experiment` for ``name`` on the data in ``data_dir`` (default :func:`dropflat.datasets.default_data_dir`)."""
+    """The :class:`Experiment` for ``name`` on the data in ``data_dir``.
+
+    ``data_dir`` defaults to :func:`dropflat.datasets.default_data_dir`.
+    """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     root = datasets.default_data_dir() if data_dir is None else data_dir

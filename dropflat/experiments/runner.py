@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..progress import resolve_progress
-from .measure import MeasureConfig, measure
+from .measure import MeasureConfig, alignment_probe, measure
 from .plots import plot_comparison
 from .report import write_report
 from .training import TrainConfig, recalibrate_batchnorm, train
@@ -57,14 +57,18 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         for label, with_dropout in (("dropout", True), ("no_dropout", False)):
             fingerprint = exp.train.fingerprint({"experiment": exp.name, "run": label, "seed": seed,
-                                                 "device": str(dev), "settings": exp.settings})
+                                                 "device": str(dev), "settings": exp.settings,
+                                                 "track": [exp.measure.track_every, exp.measure.track_masks]})
             torch.manual_seed(seed)  # the same initialisation for both runs
             model = exp.make_model(with_dropout).to(dev)
             ckpt = out / "checkpoints" / f"{label}.pt"
             if not resume and ckpt.exists():
                 ckpt.unlink()
+            probe = (alignment_probe(exp.curvature_batches, exp.loss_fn, exp.measure, seed)
+                     if with_dropout and exp.measure.track_every > 0 else None)
             log = train(model, exp.train_batches, exp.loss_fn, exp.train, seed=seed, checkpoint=ckpt,
-                        fingerprint=fingerprint, progress=show, label=label.replace("_", " "))
+                        fingerprint=fingerprint, progress=show, label=label.replace("_", " "),
+                        callback=probe, callback_every=exp.measure.track_every)
             recalibrated = recalibrate_batchnorm(model, exp.train_batches)
             cached = out / "checkpoints" / f"{label}.measure.pt"
             record = _load_measurement(cached, fingerprint, exp.measure) if resume else None
@@ -73,8 +77,10 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
                                  with_noise=with_dropout, seed=seed, progress=show)
                 torch.save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
             extras[label] = {k: record.pop(k) for k in [k for k in record if k.startswith("_")]}
-            record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps, resumed_from_step=log.resumed_from,
-                          train_curve=log.losses[:: max(1, len(log.losses) // 100)])
+            record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps,
+                          resumed_from_step=log.resumed_from, train_curve=log.losses[:: max(1, len(log.losses) // 100)])
+            if log.tracked:
+                record["alignment_during_training"] = log.tracked
             runs[label] = record
     report = {
         "experiment": exp.name,

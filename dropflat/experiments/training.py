@@ -48,6 +48,7 @@ class TrainLog:
     clean_loss: Optional[float] = None                   # last dropout-off training loss measured
     done: bool = False
     resumed_from: int = 0
+    tracked: List[dict] = field(default_factory=list)   # what ``callback`` returned, with its step
 
 
 def mean_loss(model: nn.Module, batches: Sequence, loss_fn: Callable) -> float:
@@ -102,12 +103,14 @@ def _take(x, idx):
 
 def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConfig, *, seed: int = 0,
           checkpoint: Optional[Path] = None, fingerprint: str = "", eval_batches: Optional[Sequence] = None,
-          eval_loss_fn: Optional[Callable] = None, progress: bool = False, label: str = "") -> TrainLog:
+          eval_loss_fn: Optional[Callable] = None, progress: bool = False, label: str = "",
+          callback: Optional[Callable[[nn.Module], dict]] = None, callback_every: int = 0) -> TrainLog:
     """Train ``model`` in place (it is the experiment's own model) and return the log.
 
     Full batch (``cfg.batch_size=None``): each step accumulates the size-weighted
     gradient of every batch, i.e. the gradient of the data-set mean loss. Resumes
-    from ``checkpoint`` when it exists and its ``fingerprint`` matches.
+    from ``checkpoint`` when it exists and its ``fingerprint`` matches. ``callback(model)``
+    runs after every ``callback_every`` steps (and at step 0); its dicts are kept in ``log.tracked``.
     """
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     log = TrainLog()
@@ -122,6 +125,9 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
     eval_batches = batches if eval_batches is None else eval_batches
     eval_loss_fn = loss_fn if eval_loss_fn is None else eval_loss_fn
     n_total = sum(len(y) for _, y in batches)
+    track = callback is not None and callback_every > 0
+    if track and log.steps == 0 and not log.tracked:
+        log.tracked.append({"step": 0, **callback(model)})
     bar = progress_bar(range(log.steps, cfg.steps), enabled=progress, desc=f"train {label}".strip())
     for step in bar:
         if log.done:
@@ -136,8 +142,8 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
         for x, y in chunks:
             loss = loss_fn(call_model(model, x), y) * (len(y) / n)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training {label or 'the model'} diverged at step {step} (loss {loss.item()}); "
-                                         "lower the learning rate")
+                raise FloatingPointError(f"training {label or 'the model'} diverged at step {step} "
+                                         f"(loss {loss.item()}); lower the learning rate")
             loss.backward()
             step_loss += loss.item()
         opt.step()
@@ -149,6 +155,8 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
             bar.set_postfix_str(f"loss {log.clean_loss:.2e}")
             log.done = log.clean_loss <= cfg.target_loss
         log.done = log.done or last
+        if track and (log.steps % callback_every == 0 or log.done):
+            log.tracked.append({"step": log.steps, **callback(model)})
         if checkpoint is not None and (log.steps % cfg.checkpoint_every == 0 or log.done):
             save_checkpoint(checkpoint, model, opt, log, fingerprint)
     log.done = True

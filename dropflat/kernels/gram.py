@@ -114,7 +114,10 @@ def materialize(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def ghost_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """The Gram diagonal ``‖G_i‖²``, ``[N]``; per sample the cheaper of ghost ``T²(d_in+d_out)`` and ``T·d_in·d_out``."""
+    """The Gram diagonal ``‖G_i‖²``, ``[N]``.
+
+    Per sample the cheaper of ghost ``T²(d_in+d_out)`` and ``T·d_in·d_out``.
+    """
     _check(a, d)
     T, din, dout = a.shape[1], a.shape[2], d.shape[2]
     if T * T * (din + dout) <= T * din * dout:

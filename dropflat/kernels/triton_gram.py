@@ -63,7 +63,10 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
 
 
 def ghost_gram(a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
-    """Fill ``out [N, N]`` from contiguous ``a [N, T, d_in]``, ``d [N, T, d_out]`` (float32/float64, checked by gram.py)."""
+    """Fill ``out [N, N]`` from contiguous ``a [N, T, d_in]``, ``d [N, T, d_out]``.
+
+    The inputs are float32 or float64 (checked by gram.py).
+    """
     if a.device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"the Triton backend needs a CUDA device (got {a.device}); set "

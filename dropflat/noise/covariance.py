@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..model_loss import ModelLoss, flat_grads
+from ..model_loss import ModelLoss
 from ..operators.base import LinearOperator
 from ..params import ParamSpec
 from ..results import Result

@@ -91,7 +91,9 @@ def path_costs(N: int, T: int, d_in: int, d_out: int, itemsize: int = 4, embeddi
 
 def choose_path(N: int, T: int, d_in: int, d_out: int, *, itemsize: int = 4, max_memory: Optional[float] = None,
                 path: str = "auto", embedding: bool = False) -> str:
-    """``"ghost"`` or ``"materialize"``: the forced ``path``, else the fewer flops among the paths within ``max_memory``.
+    """``"ghost"`` or ``"materialize"``.
+
+    The forced ``path``, else the fewer flops among the paths within ``max_memory``.
 
     >>> choose_path(64, 1, 256, 256)            # an MLP layer: ghost, N²·512 vs N·65536 flops
     'ghost'
@@ -377,7 +379,8 @@ class PerSampleGradients:
             raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
         indices = [mask_index] if isinstance(mask_index, int) else list(mask_index)
         if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
-            raise ValueError(f"mask_index must be a non-negative int or a non-empty sequence of them, got {mask_index!r}")
+            raise ValueError("mask_index must be a non-negative int or a non-empty sequence of them, "
+                             f"got {mask_index!r}")
         if len(indices) > 1 and dropout != "fixed":
             raise ValueError("several mask indices need dropout='fixed'")
         for name, m in model.named_modules() if isinstance(model, nn.Module) else ():
@@ -575,10 +578,10 @@ class PerSampleGradients:
                                         else torch.zeros_like(leaves[i])).reshape(-1) for i in self._fallback])
                     if _rel_error(Gfb.sum(0), total) > self._tol:
                         raise ValueError(
-                            f"on batch {batch.index} the per-sample gradients of {self._fallback_names()} do not sum to "
-                            "the batch gradient: the samples interact (BatchNorm in batch mode, a loss that is not a "
-                            "mean of per-sample terms, or cross-sample operations); per-sample gradients need "
-                            "independent samples and reduction='mean'")
+                            f"on batch {batch.index} the per-sample gradients of {self._fallback_names()} "
+                            "do not sum to the batch gradient: the samples interact (BatchNorm in batch mode, "
+                            "a loss that is not a mean of per-sample terms, or cross-sample operations); "
+                            "per-sample gradients need independent samples and reduction='mean'")
                     self._fallback_parts[s].append(Gfb)
 
         modules = list(self._candidates)
@@ -673,7 +676,8 @@ class PerSampleGradients:
             layer.path = choose_path(N, max(T, 1), din, dout, itemsize=itemsize, max_memory=budget, path=self.path,
                                      embedding=layer.kind == "embedding")
             if budget is not None:
-                budget -= path_costs(N, max(T, 1), din, dout, itemsize, layer.kind == "embedding")[f"{layer.path}_bytes"]
+                costs = path_costs(N, max(T, 1), din, dout, itemsize, layer.kind == "embedding")
+                budget -= costs[f"{layer.path}_bytes"]
             layer.parts = [[] for _ in self.mask_indices]
             self._layers.append(layer)
             covered.update(i for i in (layer.weight, layer.bias) if i is not None)
@@ -683,7 +687,8 @@ class PerSampleGradients:
             P_fb = sum(self._shapes[i].numel() for i in self._fallback)
             if budget is not None and N * P_fb * itemsize > budget:
                 raise MemoryError(f"the per-sample gradients of {self._fallback_names()} ({N} x {P_fb}) need "
-                                  f"{N * P_fb * itemsize:,} bytes beyond max_memory; raise max_memory or use fewer samples")
+                                  f"{N * P_fb * itemsize:,} bytes beyond max_memory; "
+                                  "raise max_memory or use fewer samples")
             owners = self._owners()
             types = sorted({owners.get(i, "free parameter") for i in self._fallback})
             self.fallback_modules = types

@@ -14,9 +14,8 @@ tensor([3., 1., 2.])
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import contextlib
+from typing import Tuple
 
 import numpy as np
 import torch
