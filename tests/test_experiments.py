@@ -145,3 +145,19 @@ def test_training_stops_at_target_loss_and_reports_divergence(fresh_seed):
         train(model, batches, F.cross_entropy, TrainConfig(optimizer="sgd", lr=1e30, steps=50))
     with pytest.raises(ValueError, match="optimizer must be"):
         train(model, batches, F.cross_entropy, TrainConfig(optimizer="lbfgs"))
+
+
+def test_projection_null_matches_monte_carlo(fresh_seed):
+    from dropflat.experiments.measure import _projection_null
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    P, S = 12, 200_000
+    A = torch.randn(P, 5, dtype=torch.float64, generator=g)
+    C = A @ A.T
+    v = torch.randn(S, P, dtype=torch.float64, generator=g)
+    v = v / v.norm(dim=1, keepdim=True)
+    q = ((v @ C) * v).sum(1)
+    null = _projection_null(float(torch.trace(C)), float(C.norm()), P)
+    # Sample mean within 5 standard errors; the sample std within 2% (its relative error ~ sqrt(kurtosis/S) < 1%).
+    assert abs(q.mean().item() - null["mean"]) < 5 * null["std"] / S ** 0.5
+    assert abs(q.std().item() / null["std"] - 1) < 0.02

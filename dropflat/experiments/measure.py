@@ -93,7 +93,9 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
                                "subspace_overlap": al.subspace_overlap, "masks": cfg.masks,
                                "num_masks": cfg.num_masks,
                                "hessian_eigenvalues": al.hessian_eigenvalues.tolist(),
-                               "projected_variance": al.projected_variance.tolist()}
+                               "projected_variance": al.projected_variance.tolist(),
+                               "projected_variance_null": _projection_null(al.noise_trace, al.noise_frobenius,
+                                                                           H.shape[0])}
         record["noise_top_eigenvalues"] = noise.eigenvalues[: cfg.top_k].tolist()
         n_matvecs += al.n_matvecs
     if with_noise and cfg.trajectory_steps > 0:
@@ -106,6 +108,15 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
                                        "steps": cfg.trajectory_steps, "lr": cfg.trajectory_lr}
     record["hessian_matvecs"] = n_matvecs
     return record
+
+
+def _projection_null(trace: float, frobenius: float, P: int) -> Dict[str, float]:
+    """Mean and standard deviation of ``vᵀCv`` for a uniformly random unit vector ``v`` (the null of ``v_iᵀ C v_i``).
+
+    ``E = tr C / P``, ``Var = 2 (P ‖C‖_F² − (tr C)²) / (P² (P + 2))``.
+    """
+    var = 2.0 * max(P * frobenius ** 2 - trace ** 2, 0.0) / (P ** 2 * (P + 2))
+    return {"mean": trace / P, "std": var ** 0.5}
 
 
 def _finite_list(values) -> list:

@@ -72,6 +72,10 @@ def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]
             xs = np.linspace(x.min(), x.max(), 20)
             ax.loglog(np.exp(xs), np.exp(icpt + a["slope"] * xs), "--", color="gray",
                       label=f"slope {a['slope']:.2f}")
+        null = a.get("projected_variance_null")
+        if null and keep.any():
+            lo, hi = max(null["mean"] - 2 * null["std"], null["mean"] * 1e-3), null["mean"] + 2 * null["std"]
+            ax.axhspan(lo, hi, color="gray", alpha=0.25, label="random directions (± 2 sd)")
         ax.set(xlabel="Hessian eigenvalue λ_i", ylabel="dropout-noise variance along v_i",
                title=f"noise vs curvature (cos {a['cosine']:.3f}, null {a['null_mean']:.2g}±{a['null_std']:.1g})")
         ax.legend()
@@ -81,8 +85,8 @@ def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]
     _alignment_during_training(axes[1, 2], runs["dropout"].get("alignment_during_training"))
     from matplotlib.ticker import NullFormatter
 
-    for ax in (axes[0, 2], axes[1, 1]):  # log axes spanning less than a decade label their minor ticks: overlap
-        ax.xaxis.set_minor_formatter(NullFormatter())
+    if np.ptp(np.log10(axes[0, 2].get_xlim())) > 1:  # beyond a decade, labelled minor ticks would overlap
+        axes[0, 2].xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=110)
     plt.close(fig)

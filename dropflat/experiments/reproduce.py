@@ -85,7 +85,7 @@ def _vgg_cifar10(root, quick: bool, device) -> Experiment:
 
 def _resnet_cifar100(root, quick: bool, device) -> Experiment:
     # The quick preset trains on what ../shared/data holds (100 images): it shows the pipeline, not generalisation.
-    n_train, width, steps, lr = (100, 0.25, 80, 0.1) if quick else (50000, 1.0, 1200, 0.01)
+    n_train, width, steps, lr = (100, 0.25, 150, 0.05) if quick else (50000, 1.0, 1200, 0.01)
     x, y = _images(root, "cifar100", "train", n_train, device)
     xt, yt = _images(root, "cifar100", "test", None, device)
     return Experiment(
@@ -93,7 +93,9 @@ def _resnet_cifar100(root, quick: bool, device) -> Experiment:
         make_model=lambda on: resnet20(100, 0.2 if on else 0.0, width),
         train_batches=split_batches(x, y, 256), curvature_batches=split_batches(x[:2048], y[:2048], 256),
         accuracy=accuracy_on(xt, yt), loss_fn=F.cross_entropy,
-        train=TrainConfig(optimizer="sgd", lr=lr, steps=steps, checkpoint_every=25 if quick else 50),
+        # Quick: Nesterov momentum, or 150 full-batch steps do not fit even 100 images.
+        train=TrainConfig(optimizer="nesterov" if quick else "sgd", lr=lr, steps=steps,
+                          target_loss=1e-2 if quick else None, checkpoint_every=25 if quick else 50),
         measure=_measure(quick), settings={"width": width, "n_train": len(y), "quick": quick})
 
 
