@@ -1,10 +1,15 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The small real data sets beside the repository (../shared/data), or $DROPFLAT_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("DROPFLAT_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Dataset loaders: files written here from random arrays read back exactly; the real
-copies in /work/shared/data (when present) match the counts and labels in its README."""
+copies in ../shared/data (when present) match the counts and labels in its README."""
 import gzip
 import json
 import pickle
@@ -22,7 +22,9 @@ from dropflat.datasets import (
     tokenize,
 )
 
-SHARED = Path("/work/shared/data")
+from conftest import SHARED_DATA
+
+SHARED = SHARED_DATA
 
 
 # ----------------------------------------------------------------------------- MNIST
@@ -258,7 +260,7 @@ def test_cifar_missing(tmp_path):
     assert "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="no /work/shared/data/cifar10")
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
 def test_cifar10_shared_copy():
     x, y = load_cifar(SHARED, "cifar10", "train")
     assert x.shape == (15000, 32, 32, 3) and x.dtype == torch.uint8 and y.shape == (15000,)
@@ -270,7 +272,7 @@ def test_cifar10_shared_copy():
     assert x.shape == (1000, 32, 32, 3) and y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
 
 
-@pytest.mark.skipif(not (SHARED / "cifar100").is_dir(), reason="no /work/shared/data/cifar100")
+@pytest.mark.skipif(not (SHARED / "cifar100").is_dir(), reason="no ../shared/data/cifar100")
 def test_cifar100_shared_copy():
     x, y = load_cifar(SHARED, "cifar100", "train")
     assert x.shape == (100, 32, 32, 3) and y[:10].tolist() == [19, 29, 0, 11, 1, 86, 90, 28, 23, 31]
@@ -283,7 +285,7 @@ def test_cifar100_shared_copy():
 
 # ----------------------------------------------------------------------------- Multi30k
 
-@pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason="no /work/shared/data/multi30k")
+@pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason="no ../shared/data/multi30k")
 def test_multi30k_shared_copy():
     for split, n in (("train", 29000), ("val", 1014), ("test2016", 1000)):
         en, de = load_multi30k(SHARED, split)

@@ -18,8 +18,10 @@ from dropflat.cli import main
 from dropflat.experiments.measure import MeasureConfig
 from dropflat.experiments.reproduce import EXPERIMENTS, reproduce
 
+from conftest import SHARED_DATA
+
 pytest.importorskip("matplotlib")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
