@@ -11,6 +11,7 @@ filter-normalised directions, trajectory PCA, inverse variance–flatness);
 closed forms in :mod:`dropflat.theory`; the stochastic modified equation in
 :mod:`dropflat.sme`; the paper's experiments behind ``dropflat reproduce``.
 """
+from .checkpoint import CheckpointMismatchError
 from .dropout import NoDropoutError
 from .flatness import (
                        IntervalFlatness,
@@ -53,5 +54,5 @@ __all__ = [
     "Spectrum", "Estimate", "Density", "build_info", "__version__",
     "filter_normalized_direction", "loss_along", "level_crossing", "interval_flatness", "dropout_trajectory",
     "trajectory_pca", "variance_flatness", "LossCurve", "IntervalFlatness", "TrajectoryPCA", "VarianceFlatness",
-    "simulate_sme", "simulate_dropout_gd", "SMETrajectory",
+    "simulate_sme", "simulate_dropout_gd", "SMETrajectory", "CheckpointMismatchError",
 ]

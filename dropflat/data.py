@@ -9,9 +9,11 @@ model as ``model(x)`` for a tensor, ``model(*x)`` for a tuple/list and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
+
+from .distributed import owns
 
 __all__ = ["Batch", "iterate_batches", "call_model", "move"]
 
@@ -60,8 +62,17 @@ def move(obj, device: Optional[torch.device], dtype: Optional[torch.dtype]):
 
 
 def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
-                    device=None, dtype=None) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects; raises a clear error for an empty loader."""
+                    device=None, dtype=None, shard: Optional[Tuple[int, int]] = None) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects; raises a clear error for an empty loader.
+
+    ``shard=(rank, world_size)`` yields only the batches at loader positions
+    ``b`` with ``b % world_size == rank`` (see :mod:`dropflat.distributed`);
+    every batch is still counted, so offsets stay global.
+    """
+    if shard is not None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     if loader is None:
         raise ValueError("a loader is needed: pass an iterable of (inputs, targets) batches")
     if num_batches is not None and num_batches < 1:
@@ -76,7 +87,8 @@ def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_b
         if size == 0:
             continue
         count += 1
-        yield Batch(i, move(inputs, device, dtype), move(targets, device, dtype), size, offset)
+        if shard is None or owns(i, *shard):  # other ranks' batches: only their sizes matter here
+            yield Batch(i, move(inputs, device, dtype), move(targets, device, dtype), size, offset)
         offset += size
     if count == 0:
         raise ValueError("the loader yielded no samples; pass a loader with at least one non-empty batch")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import Batch, call_model, iterate_batches
+from .distributed import all_reduce_, resolve_distributed
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
 from .model_state import check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
@@ -30,13 +31,22 @@ class ModelLoss:
     replayable mask ``mask_index`` of ``mask_seed``; ``"mean"`` averages over the
     masks ``mask_index .. mask_index + num_masks - 1``. ``masks`` picks the regime, ``"per_sample"``
     (PyTorch's) or ``"shared"`` (see :mod:`dropflat.dropout.masks`).
+
+    ``distributed``: ``None`` (default) shards the batches over the ranks of an
+    initialised ``torch.distributed`` group, if there is one, and all-reduces
+    the partial sums (see :mod:`dropflat.distributed`); ``True`` requires a
+    group; ``False`` evaluates every batch on every rank. Only passes that say
+    how to combine their sums (``evaluate(..., sums=...)``) are sharded: the
+    loss, its gradient, the per-mask gradients and Hessian products. Results
+    do not depend on the number of ranks (masks follow the global sample index).
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
                  params: ParamSpec = None, dropout: str = "off", batchnorm: str = "eval",
                  num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
-                 mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample"):
+                 mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
+                 distributed: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loader is None:
@@ -61,6 +71,8 @@ class ModelLoss:
             raise ValueError(f"num_masks must be >= 1, got {num_masks}")
         self.mask_seed, self.masks = int(mask_seed), masks
         MaskSource(self.mask_seed, 0, masks, 0, 1)  # validates the regime now
+        self.distributed = distributed
+        resolve_distributed(distributed)  # validates it now
         # The masks whose losses are averaged on every batch (None: dropout off).
         self.mask_indices: Sequence[Optional[int]] = {
             "off": [None], "fixed": [int(mask_index)],
@@ -92,8 +104,18 @@ class ModelLoss:
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None)
 
-    def batches(self, desc: str = "batches") -> Iterable[Batch]:
-        it = iterate_batches(self.loader, self.batch_fn, self.num_batches, self.device, self.dtype)
+    def shard(self) -> Optional[Tuple[int, int]]:
+        """``(rank, world_size)`` this object's sharded passes split the batches over; ``None``: all here."""
+        return resolve_distributed(self.distributed)
+
+    def reduce_(self, *tensors: torch.Tensor) -> None:
+        """Sum partial results over the ranks, in place (nothing to do unless sharded)."""
+        if self.shard() is not None:
+            for t in tensors:
+                all_reduce_(t)
+
+    def batches(self, desc: str = "batches", shard: Optional[Tuple[int, int]] = None) -> Iterable[Batch]:
+        it = iterate_batches(self.loader, self.batch_fn, self.num_batches, self.device, self.dtype, shard=shard)
         return progress_bar(it, enabled=self.progress, desc=desc, unit="batch")
 
     def batch_loss(self, state: dict, batch: Batch, mask_index: Optional[int] = None) -> torch.Tensor:
@@ -122,16 +144,39 @@ class ModelLoss:
             )
         return loss
 
-    def evaluate(self, per_batch: Callable[[dict, List[torch.Tensor], Batch], None], desc: str) -> int:
-        """Run ``per_batch(state, leaves, batch)`` over the loader with the model's modes set; return N."""
-        total = 0
+    def evaluate(self, per_batch: Callable[[dict, List[torch.Tensor], Batch], None], desc: str,
+                 sums: Optional[Sequence[torch.Tensor]] = None) -> int:
+        """Run ``per_batch(state, leaves, batch)`` over the loader with the model's modes set; return N.
+
+        ``sums``: the tensors ``per_batch`` accumulates sums into. Given, the pass
+        is sharded over the ranks of a process group (if any) and ``sums`` are
+        all-reduced afterwards; N is always the global sample count. If any rank
+        fails, every rank raises (instead of waiting forever in a collective).
+        """
+        shard = self.shard() if sums is not None else None
+        total, error = 0, None
         with preserved(self.model), _twice_differentiable_attention():
             set_modes(self.model, self.dropout, self.batchnorm)
             leaves, state = self._state()
-            with torch.enable_grad():
-                for batch in self.batches(desc):
-                    per_batch(state, leaves, batch)
-                    total += batch.size
+            try:
+                with torch.enable_grad():
+                    for batch in self.batches(desc, shard):
+                        per_batch(state, leaves, batch)
+                        total += batch.size
+            except Exception as e:
+                if shard is None:
+                    raise
+                error = e
+        if shard is not None:
+            # One collective agrees on N and on success before the sums are combined.
+            status = torch.tensor([total, int(error is not None)], dtype=torch.int64, device=self.device)
+            total, failed = (int(v) for v in all_reduce_(status).tolist())
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(f"{failed} other rank(s) failed during this pass ({desc}); see their error")
+            for t in sums:
+                all_reduce_(t)
         self.num_samples = total
         return total
 
@@ -141,17 +186,15 @@ class ModelLoss:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
         def step(state, leaves, batch):
-            nonlocal loss_sum
             for m in self.mask_indices:
                 loss = self.batch_loss(state, batch, m)
                 g = torch.autograd.grad(loss, leaves, allow_unused=True)
                 weight = batch.size / len(self.mask_indices)
                 grad.add_(flat_grads(g, leaves), alpha=weight)
-                loss_sum = loss_sum + weight * loss.detach().double()
+                loss_sum.add_(loss.detach().double(), alpha=weight)
 
-        n = self.evaluate(step, "gradient")
+        n = self.evaluate(step, "gradient", sums=(grad, loss_sum))
         return float(loss_sum) / n, grad / n
-
 
     def mask_gradients(self, indices: Sequence[int]) -> torch.Tensor:
         """``[P, k]``: the data-set mean gradient under each replayable mask in ``indices``, one data pass."""
@@ -163,7 +206,7 @@ class ModelLoss:
                 grads = torch.autograd.grad(self.batch_loss(state, batch, m), leaves, allow_unused=True)
                 G[:, j].add_(flat_grads(grads, leaves), alpha=batch.size)
 
-        return G.div_(self.evaluate(step, "dropout gradients"))
+        return G.div_(self.evaluate(step, "dropout gradients", sums=(G,)))
 
 
 def _twice_differentiable_attention():

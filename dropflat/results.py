@@ -1,14 +1,40 @@
-"""Result dataclasses: plain data, ``to_dict()`` for JSON."""
+"""Result dataclasses: plain data, ``to_dict()`` for JSON, with a run manifest.
+
+Every result's ``to_dict()`` carries a ``"manifest"``: the dropflat, torch and
+Python versions, and, where the producing function filled them in, the device,
+dtype, seed(s), wall time of the call and number of operator products.
+
+>>> m = run_manifest(seed=3, n_matvecs=12)
+>>> sorted(m)[:4], m["seed"], m["n_matvecs"]
+(['device', 'dropflat', 'dtype', 'n_matvecs'], 3, 12)
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import platform
 from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["Result", "Spectrum", "Estimate", "Density"]
+__all__ = ["Result", "Spectrum", "Estimate", "Density", "run_manifest"]
+
+
+def run_manifest(*, device=None, dtype=None, seed=None, wall_time: Optional[float] = None,
+                 n_matvecs: Optional[int] = None, **extra) -> Dict[str, Any]:
+    """How a result was produced: versions, and the call's device, dtype, seed, wall time (s), product count.
+
+    Keys are always present (``None`` where not applicable); ``extra`` adds
+    function-specific entries: ``resumed_from``, the operator products (masks for
+    :func:`~dropflat.dropout_noise`) already done by earlier runs of a checkpointed call;
+    ``gradient_passes`` for the dropout noise. ``wall_time_s`` is this call's only.
+    """
+    from . import __version__  # lazy: the package imports this module
+
+    return {"dropflat": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": None if device is None else str(device), "dtype": None if dtype is None else str(dtype),
+            "seed": seed, "wall_time_s": wall_time, "n_matvecs": n_matvecs, **extra}
 
 
 def _plain(x: Any) -> Any:
@@ -26,13 +52,21 @@ def _plain(x: Any) -> Any:
 
 
 class Result:
-    """Mixin: ``to_dict()`` gives JSON-ready data, ``to_json()`` the string."""
+    """Mixin: ``to_dict()`` gives JSON-ready data plus ``"manifest"``, ``to_json()`` the string.
+
+    ``manifest`` is an instance attribute, not a dataclass field (so subclasses
+    keep their field order and equality): functions set it with
+    :func:`run_manifest`; results built elsewhere report the versions only.
+    """
 
     _skip_in_dict: tuple = ()
+    manifest = None  # class default; not annotated, so never a dataclass field
 
     def to_dict(self) -> Dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in self._skip_in_dict}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in self._skip_in_dict}
+        out.setdefault("manifest", _plain(self.manifest if self.manifest is not None else run_manifest()))
+        return out
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -218,7 +218,7 @@ def test_recording_and_result(fresh_seed):
     assert torch.equal(traj.params[0], head0)  # θ: the selected parameters only, in named_parameters order
     assert not torch.equal(traj.params[-1], head0)
     d = json.loads(traj.to_json())
-    assert set(d) == {"steps", "train_loss", "config"}  # the parameter tensors stay out of the JSON
+    assert set(d) == {"steps", "train_loss", "config", "manifest"}  # the parameter tensors stay out of the JSON
     assert d["config"]["method"] == "sme" and d["config"]["order"] == 1 and d["config"]["lr"] == 0.05
     assert simulate_dropout_gd(model, loader, F.mse_loss, lr=0.05, steps=0).steps == [0]
     lr64 = torch.tensor(0.05, dtype=torch.float64)  # numpy and 0-d tensor arguments are accepted

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_save
 from ..progress import resolve_progress
 from .measure import MeasureConfig, alignment_probe, measure
 from .plots import plot_comparison
@@ -75,7 +76,7 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
             if record is None:
                 record = measure(model, exp.curvature_batches, exp.loss_fn, exp.accuracy, exp.measure,
                                  with_noise=with_dropout, seed=seed, progress=show)
-                torch.save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
+                atomic_save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
             extras[label] = {k: record.pop(k) for k in [k for k in record if k.startswith("_")]}
             record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps,
                           resumed_from_step=log.resumed_from, train_curve=log.losses[:: max(1, len(log.losses) // 100)])

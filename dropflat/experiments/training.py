@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -17,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_save
 from ..data import call_model
 from ..progress import progress_bar
 
@@ -167,12 +167,9 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt, log: TrainLog, fingerprint: str) -> None:
-    """Write atomically (temporary file, then rename): an interrupted write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                "log": asdict(log), "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, path)
+    """Write atomically: an interrupted write never leaves a broken checkpoint."""
+    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                 "log": asdict(log), "fingerprint": fingerprint}, path)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Sequence) -> bool:

@@ -15,14 +15,16 @@ expectation, the eigenvalue density ``(1/P) Σ_i δ(λ - λ_i)``; averaging
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from ..checkpoint import open_checkpoint, operator_fingerprint
 from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Density
+from ..results import Density, run_manifest
 from .krylov import KrylovBasis, random_vectors
 
 __all__ = ["spectral_density"]
@@ -42,40 +44,74 @@ def _quadrature(basis: KrylovBasis):
 
 def spectral_density(model_or_op, loader: Optional[Iterable] = None, *, loss_fn: Optional[Callable] = None,
                      num_runs: int = 10, num_steps: int = 80, seed: int = 0, grid_size: int = 1000,
-                     sigma: Optional[float] = None, progress: Optional[bool] = None,
-                     **operator_kwargs) -> Density:
+                     sigma: Optional[float] = None, progress: Optional[bool] = None, checkpoint=None,
+                     checkpoint_every: int = 10, **operator_kwargs) -> Density:
     """SLQ density of a model's Hessian (or any symmetric operator).
 
     ``num_runs`` Gaussian start vectors, ``num_steps`` Lanczos steps each (fewer
     if the Krylov space is exhausted, with zero-weight padding). ``sigma``
     (default: 1% of the spectral range) is the Gaussian smoothing width.
+
+    ``checkpoint``: a file path where each finished run's nodes and weights, and
+    the running run's Krylov state every ``checkpoint_every`` products, are saved
+    atomically; the same call rerun with the same path resumes and gives the
+    same density (bit-identical with deterministic products). A finished run leaves
+    the file marked complete, so a rerun recomputes only the smoothing. A checkpoint
+    from another call (operator, ``num_runs``, ``num_steps``, ``seed``) is refused.
     """
+    began = time.perf_counter()
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
     P = op.shape[0]
     if num_runs < 1 or num_steps < 1:
         raise ValueError(f"num_runs and num_steps must be >= 1, got {num_runs} and {num_steps}")
     steps = min(num_steps, P)
+    fp = None if checkpoint is None else operator_fingerprint(op)  # hashing only when checkpointing
+    ck = open_checkpoint(checkpoint, "spectral_density", checkpoint_every, operator=fp,
+                         num_runs=num_runs, num_steps=num_steps, seed=seed)
+    saved = ck.load() if ck is not None else None
     nodes = np.zeros((num_runs, steps))
     weights = np.zeros((num_runs, steps))
-    n_matvecs = 0
-    bar = progress_bar(total=num_runs * steps, enabled=resolve_progress(progress), desc="SLQ", unit="matvec")
+    n_matvecs, first, partial = 0, 0, None
+    if saved is not None:
+        st = saved["state"]
+        nodes, weights = st["nodes"].numpy().copy(), st["weights"].numpy().copy()
+        n_matvecs, first, partial = int(st["n_matvecs"]), int(st["runs_done"]), st["basis"]
+    resumed_from = n_matvecs + (0 if partial is None else int(partial["n_matvecs"]))
+
+    def state(runs_done, basis=None):
+        return {"nodes": torch.from_numpy(nodes.copy()), "weights": torch.from_numpy(weights.copy()),
+                "n_matvecs": n_matvecs, "runs_done": runs_done,
+                "basis": None if basis is None else basis.state_dict()}
+
+    bar = progress_bar(total=num_runs * steps, enabled=resolve_progress(progress), desc="SLQ", unit="matvec",
+                       initial=first * steps + (0 if partial is None else int(partial["m"])))
     with bar, reuse_passes(op):
-        for r in range(num_runs):
+        for r in range(first, num_runs):
             start = random_vectors((P,), seed + 7919 * r, op.dtype, op.device)
             basis = KrylovBasis(op, steps, start, seed=seed + 7919 * r)
+            if partial is not None:  # resume the run that was interrupted
+                basis.load_state_dict(partial)
+                partial = None
             while basis.m < steps:
                 beta = basis.expand()
                 bar.update(1)
                 if beta == 0.0:  # invariant subspace: the quadrature is exact for this start vector
                     break
+                if ck is not None and ck.due(basis.n_matvecs) and basis.m < steps:
+                    ck.save(state(r, basis))
             n_matvecs += basis.n_matvecs
             x, w = _quadrature(basis)
             nodes[r, :len(x)], weights[r, :len(w)] = x, w
             nodes[r, len(x):] = x[-1]  # zero-weight padding
+            if ck is not None:
+                ck.save(state(r + 1), complete=r + 1 == num_runs)
     lo, hi = float(nodes.min()), float(nodes.max())
     width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-12 * max(abs(lo), abs(hi), 1.0))
     grid = np.linspace(lo - 5 * width, hi + 5 * width, grid_size)
     kernel = np.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
     density = (kernel * weights[None]).sum(axis=2).mean(axis=1)
-    return Density(nodes=torch.from_numpy(nodes), weights=torch.from_numpy(weights), grid=torch.from_numpy(grid),
-                   density=torch.from_numpy(density), sigma=width, n_matvecs=n_matvecs)
+    out = Density(nodes=torch.from_numpy(nodes), weights=torch.from_numpy(weights), grid=torch.from_numpy(grid),
+                  density=torch.from_numpy(density), sigma=width, n_matvecs=n_matvecs)
+    out.manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed, wall_time=time.perf_counter() - began,
+                                n_matvecs=n_matvecs, resumed_from=resumed_from)
+    return out

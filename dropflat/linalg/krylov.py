@@ -55,6 +55,21 @@ class KrylovBasis:
         self.n_matvecs = 0
         self._seed = seed
 
+    def state_dict(self) -> dict:
+        """What the next step depends on (basis, projected matrix, counters, fresh-vector seed), for checkpoints."""
+        return {"V": self.V.detach().cpu().clone(), "T": torch.from_numpy(self.T.copy()), "betas": list(self.betas),
+                "m": self.m, "beta": self.beta, "n_matvecs": self.n_matvecs, "seed": self._seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the following steps are bit-identical to an uninterrupted run."""
+        if tuple(state["V"].shape) != tuple(self.V.shape):
+            raise ValueError(f"saved Krylov basis has shape {tuple(state['V'].shape)}, expected {tuple(self.V.shape)}")
+        self.V.copy_(state["V"])
+        self.T[:] = state["T"].numpy()
+        self.betas = [float(b) for b in state["betas"]]
+        self.m, self.beta = int(state["m"]), float(state["beta"])
+        self.n_matvecs, self._seed = int(state["n_matvecs"]), int(state["seed"])
+
     @property
     def exhausted(self) -> bool:
         """The basis spans the whole space: the projected problem is exact."""

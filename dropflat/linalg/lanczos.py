@@ -10,15 +10,17 @@ True
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from ..checkpoint import open_checkpoint, operator_fingerprint
 from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Spectrum
+from ..results import Spectrum, run_manifest
 from .krylov import KrylovBasis, random_vectors
 
 __all__ = ["lanczos"]
@@ -45,7 +47,7 @@ def _thresholds(theta: np.ndarray, tol: float, dtype: torch.dtype) -> np.ndarray
 def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss_fn: Optional[Callable] = None,
             which: str = "largest", tol: float = 1e-3, max_iter: Optional[int] = None, ncv: Optional[int] = None,
             eigenvectors: bool = False, seed: int = 0, progress: Optional[bool] = None,
-            reuse: bool = True, **operator_kwargs) -> Spectrum:
+            reuse: bool = True, checkpoint=None, checkpoint_every: int = 10, **operator_kwargs) -> Spectrum:
     """The ``k`` extreme eigenpairs of a model's Hessian, or of any symmetric operator.
 
     Parameters
@@ -63,9 +65,19 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
     reuse: let the operator reuse work across products (a model's Hessian keeps each
         batch's graph within a memory budget, so products after the first skip the forward pass).
 
+    checkpoint: a file path; the thick-restart state (Krylov basis ``V``, projected
+        matrix ``T``, residual direction, counters, seed) is saved there atomically every
+        ``checkpoint_every`` operator products, and the same call rerun with the same path
+        resumes from it, giving bit-identical eigenvalues to an uninterrupted run (the
+        operator products being deterministic). A finished run leaves the file marked
+        complete with its result: rerunning returns it without products. A checkpoint
+        from another call (operator, ``k``, ``which``, ``tol``, ``max_iter``, ``ncv``,
+        ``seed``) is refused; see :mod:`dropflat.checkpoint`.
+
     The final residuals are computed explicitly, ``‖A v - λ v‖`` (one more block
     product of ``k`` vectors), so ``converged`` is checked, not assumed.
     """
+    began = time.perf_counter()
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
     P = op.shape[0]
     if which not in WHICH:
@@ -79,11 +91,22 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
     if ncv <= k:
         raise ValueError(f"ncv must exceed k={k}, got {ncv}")
     max_iter = max_iter if max_iter is not None else max(300, 30 * k)
+    fp = None if checkpoint is None else operator_fingerprint(op)  # hashing only when checkpointing
+    ck = open_checkpoint(checkpoint, "lanczos", checkpoint_every, operator=fp, k=k,
+                         which=which, tol=tol, max_iter=max_iter, ncv=ncv, seed=seed)
+    saved = ck.load() if ck is not None else None
+    resumed_from = 0
+    if saved is not None and saved["complete"]:
+        final = saved["state"]
+        return _spectrum(final, which, tol, k, eigenvectors, op, began, seed, resumed_from=final["n_matvecs"])
 
     start = random_vectors((P,), seed, op.dtype, op.device)
     basis = KrylovBasis(op, ncv, start, seed=seed)
+    if saved is not None:
+        basis.load_state_dict(saved["state"]["basis"])
+        resumed_from = basis.n_matvecs
     bar = progress_bar(total=max_iter, enabled=resolve_progress(progress), desc=f"lanczos top-{k}",
-                       unit="matvec")
+                       unit="matvec", initial=resumed_from)
     keep = min(ncv - 1, k + (ncv - k) // 2)  # Ritz pairs carried over a restart
     with bar, reuse_passes(op, reuse):
         while True:
@@ -98,6 +121,8 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
             if basis.m == basis.size:
                 chosen = _order(theta, which)[:keep]
                 basis.restart(theta[chosen], Y[:, chosen])
+            if ck is not None and ck.due(basis.n_matvecs):  # end of a step: resuming re-enters the loop here
+                ck.save({"basis": basis.state_dict()})
 
         if basis.m < k:
             raise RuntimeError(f"the Krylov space has dimension {basis.m} < k={k}; raise max_iter")
@@ -107,10 +132,25 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
         X = X / X.norm(dim=0, keepdim=True)
         AX = op.matmat(X)
     residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
-    n_matvecs = basis.n_matvecs + k
     converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
+    final = {"eigenvalues": values, "X": X.detach().cpu(), "residuals": residuals, "converged": converged,
+             "n_matvecs": basis.n_matvecs + k}
+    if ck is not None:
+        ck.save(final, complete=True)
+    return _spectrum(final, which, tol, k, eigenvectors, op, began, seed, resumed_from)
+
+
+def _spectrum(final: dict, which: str, tol: float, k: int, eigenvectors: bool, op, began: float, seed: int,
+              resumed_from: int) -> Spectrum:
+    """The :class:`Spectrum` of a finished run (fresh, or read back from a complete checkpoint)."""
+    converged, n_matvecs = final["converged"], int(final["n_matvecs"])
     if not bool(converged.all()):
         warnings.warn(f"lanczos: {int(converged.sum())} of {k} eigenpairs met tol={tol} after {n_matvecs} "
-                      "operator products; raise max_iter (or tol)", RuntimeWarning, stacklevel=2)
-    return Spectrum(eigenvalues=values, eigenvectors=X.T.contiguous() if eigenvectors else None,
-                    residuals=residuals, converged=converged, n_matvecs=n_matvecs, which=which, tol=tol)
+                      "operator products; raise max_iter (or tol)", RuntimeWarning, stacklevel=3)
+    X = final["X"].to(device=op.device, dtype=op.dtype)
+    spec = Spectrum(eigenvalues=final["eigenvalues"], eigenvectors=X.T.contiguous() if eigenvectors else None,
+                    residuals=final["residuals"], converged=converged, n_matvecs=n_matvecs, which=which, tol=tol)
+    spec.manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed,
+                                 wall_time=time.perf_counter() - began, n_matvecs=n_matvecs,
+                                 resumed_from=resumed_from)
+    return spec

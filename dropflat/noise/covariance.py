@@ -22,16 +22,18 @@ over per-sample gradients.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
+from ..checkpoint import model_digest, open_checkpoint
 from ..model_loss import ModelLoss
 from ..operators.base import LinearOperator
 from ..params import ParamSpec
-from ..results import Result
+from ..results import Result, run_manifest
 from .persample import PerSampleGradients
 
 __all__ = ["NoiseCovariance", "NoiseDecomposition", "dropout_noise", "noise_decomposition", "sgd_noise"]
@@ -201,7 +203,7 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
                   num_masks: int = 64, masks: str = "per_sample", seed: int = 0, params: ParamSpec = None,
                   batchnorm: str = "eval", num_batches: Optional[int] = None, device=None,
                   dtype: Optional[torch.dtype] = None, batch_fn: Optional[Callable] = None,
-                  progress: bool = False) -> NoiseCovariance:
+                  progress: bool = False, checkpoint=None, checkpoint_every: int = 16) -> NoiseCovariance:
     """The covariance over dropout masks of the data-set mean gradient, at the model's parameters.
 
     ``num_masks`` replayable masks (``seed``; regime ``masks``: ``"per_sample"``,
@@ -209,17 +211,48 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     give one full gradient ``g_s``; the estimate is centred and unbiased,
     ``1/(M-1)``. Cost: ``num_masks`` gradient passes; memory: ``P x num_masks``.
     Raises :class:`~dropflat.noise.NoDropoutError` if the model never calls dropout.
+
+    ``checkpoint``: a file path; the gradients are then computed ``checkpoint_every``
+    masks per data pass and the columns done so far saved atomically after each
+    chunk. The same call rerun with the same path resumes, giving the same
+    covariance (each column is the same computation, chunked or not); a finished
+    run leaves the file complete, so a rerun makes no pass. A checkpoint from
+    another call (model parameters, ``num_masks``, ``masks``, ``seed``, ...) is refused.
     """
+    began = time.perf_counter()
     if num_masks < 2:
         raise ValueError(f"num_masks must be >= 2 to estimate a covariance, got {num_masks}")
     ml = ModelLoss(model, loader, loss_fn, params=params, dropout="fixed", batchnorm=batchnorm,
                    num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn, progress=progress,
                    mask_seed=seed, masks=masks)
-    G = ml.mask_gradients(range(num_masks))
-    n = ml.num_samples
+    G, n, resumed_from = _mask_gradients_resumable(ml, model, num_masks, checkpoint, checkpoint_every)
     factor, mean = _center(G, ddof=1)
+    manifest = run_manifest(device=ml.device, dtype=ml.dtype, seed=seed, wall_time=time.perf_counter() - began,
+                            n_matvecs=None, gradient_passes=num_masks, resumed_from=resumed_from)
     return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks,
-                           info={"masks": masks, "seed": seed, "num_data": n})
+                           info={"masks": masks, "seed": seed, "num_data": n, "manifest": manifest})
+
+
+def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, checkpoint, every: int):
+    """``(G [P, num_masks], num_data, masks already done)``, chunked and checkpointed when ``checkpoint`` is set."""
+    if checkpoint is None:
+        G = ml.mask_gradients(range(num_masks))
+        return G, ml.num_samples, 0
+    ck = open_checkpoint(checkpoint, "dropout_noise", every, model=model_digest(model), num_masks=num_masks,
+                         masks=ml.masks, seed=ml.mask_seed, params=[name for name, _ in ml.named_params],
+                         batchnorm=ml.batchnorm, num_batches=ml.num_batches, device=ml.device, dtype=ml.dtype,
+                         loss_fn=ml.loss_fn)
+    saved = ck.load(map_location=ml.device)
+    chunks, n = [], None
+    if saved is not None:
+        chunks, n = [saved["state"]["columns"]], saved["state"]["num_data"]
+    resumed_from = done = chunks[0].shape[1] if chunks else 0
+    while done < num_masks:
+        chunks.append(ml.mask_gradients(range(done, min(done + every, num_masks))))
+        done, n = done + chunks[-1].shape[1], ml.num_samples
+        chunks = [torch.cat(chunks, dim=1)]
+        ck.save({"columns": chunks[0].cpu(), "num_data": n}, complete=done == num_masks)
+    return chunks[0], n, resumed_from
 
 
 def sgd_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,

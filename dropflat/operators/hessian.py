@@ -53,6 +53,10 @@ class HessianOperator(LinearOperator):
     device, dtype: where and in which precision to compute (default: the parameters').
     batch_fn: ``batch_fn(batch) -> (inputs, targets)``.
     progress: show a progress bar over batches for each product.
+    distributed: ``None`` (default) shards each pass's batches over the ranks of an initialised
+        ``torch.distributed`` group and all-reduces the products, so every rank gets the same
+        ``H @ V`` (run eigensolvers replicated on every rank); ``True`` requires a group;
+        ``False`` ignores it. See :mod:`dropflat.distributed`.
 
     Vectors are flat, in ``model.named_parameters()`` order (see :func:`dropflat.flatten`).
     ``matmat(V)`` carries all ``k`` columns of ``V`` through one pass over the data:
@@ -64,11 +68,12 @@ class HessianOperator(LinearOperator):
                  params: ParamSpec = None, dropout: str = "off", batchnorm: str = "eval",
                  num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
-                 mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample"):
+                 mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
+                 distributed: Optional[bool] = None):
         self.loss = ModelLoss(model, loader, loss_fn, params=params, dropout=dropout, batchnorm=batchnorm,
                               num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn,
                               progress=progress, mask_seed=mask_seed, mask_index=mask_index,
-                              num_masks=num_masks, masks=masks)
+                              num_masks=num_masks, masks=masks, distributed=distributed)
         P = self.loss.num_params
         self.shape = (P, P)
         self.dtype = self.loss.dtype
@@ -80,8 +85,9 @@ class HessianOperator(LinearOperator):
         out = torch.zeros_like(V)
         cache = self._cache
         if cache is not None and cache.complete:
-            for graph in cache.graphs:
+            for graph in cache.graphs:  # this rank's batches only
                 self._products(graph, tangents, out, keep=True)
+            self.loss.reduce_(out)
             return out / cache.num_samples
 
         def step(state, leaves, batch):
@@ -92,9 +98,12 @@ class HessianOperator(LinearOperator):
                 if keep:
                     cache.add(graph)
 
-        n = self.loss.evaluate(step, "Hessian products")
+        n = self.loss.evaluate(step, "Hessian products", sums=(out,))
         if cache is not None:
-            cache.finish(n)
+            cache.finish(n, sharded=self.loss.shard() is not None)
+            if not cache.agreed(self.loss):  # some rank could not retain its graphs: all ranks recompute
+                cache.graphs.clear()
+                cache.accepting = cache.complete = False
         return out / n
 
     def _first_order(self, state, leaves, batch, mask_index, measure: bool) -> "_FirstOrderGraph":
@@ -176,9 +185,18 @@ class _GraphCache:
         else:
             self.graphs.append(graph)
 
-    def finish(self, num_samples: int) -> None:
-        self.complete = self.accepting and bool(self.graphs)
+    def finish(self, num_samples: int, sharded: bool = False) -> None:
+        # A rank may own no batch at all: its (empty) retained pass is still complete.
+        self.complete = self.accepting and (bool(self.graphs) or sharded)
         self.num_samples = num_samples
+
+    def agreed(self, loss: ModelLoss) -> bool:
+        """Whether every rank's retained pass is complete (all must take the same path: collectives)."""
+        if loss.shard() is None:
+            return self.complete
+        incomplete = torch.tensor([int(not self.complete)], dtype=torch.int64, device=loss.device)
+        loss.reduce_(incomplete)
+        return int(incomplete) == 0
 
 
 def _default_budget(device: torch.device) -> int:
