@@ -29,28 +29,28 @@ std::vector<F> transpose_positions(const F* x, int64_t N, int64_t T, int64_t w) 
   return out;
 }
 
+// out[s] = sum_k x[k] * M[k * T + s]: one row of x_t . x_j^T for every s.  Always
+// inlined, so it is compiled for the target of its (cloned) caller.
+template <typename F>
+inline __attribute__((always_inline)) void row_products(const F* x, const F* M, int64_t width, int64_t T,
+                                                        F* out) {
+  std::fill(out, out + T, F(0));
+  for (int64_t k = 0; k < width; ++k) {
+    const F v = x[k];
+    const F* row = M + k * T;
+#pragma omp simd
+    for (int64_t s = 0; s < T; ++s) out[s] += v * row[s];
+  }
+}
+
 // sum_t sum_s (a_it . a_js)(d_it . d_js) for one pair; ra, rd: scratch of T.
 template <typename F>
 DROPFLAT_CLONES("arch=x86-64-v3") double pair_value(const F* ai, const F* aTj, const F* di, const F* dTj, int64_t T,
                                        int64_t din, int64_t dout, F* ra, F* rd) {
   double acc = 0.0;
   for (int64_t t = 0; t < T; ++t) {
-    std::fill(ra, ra + T, F(0));
-    std::fill(rd, rd + T, F(0));
-    const F* at = ai + t * din;
-    for (int64_t k = 0; k < din; ++k) {
-      const F v = at[k];
-      const F* row = aTj + k * T;
-#pragma omp simd
-      for (int64_t s = 0; s < T; ++s) ra[s] += v * row[s];
-    }
-    const F* dt = di + t * dout;
-    for (int64_t k = 0; k < dout; ++k) {
-      const F v = dt[k];
-      const F* row = dTj + k * T;
-#pragma omp simd
-      for (int64_t s = 0; s < T; ++s) rd[s] += v * row[s];
-    }
+    row_products(ai + t * din, aTj, din, T, ra);
+    row_products(di + t * dout, dTj, dout, T, rd);
     F part = 0;
 #pragma omp simd reduction(+ : part)
     for (int64_t s = 0; s < T; ++s) part += ra[s] * rd[s];
