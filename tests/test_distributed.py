@@ -156,3 +156,36 @@ def test_bad_distributed_argument():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         dropflat.HessianOperator(model, loader, distributed=True)
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_distributed import compute
+torch.set_num_threads(1)
+dist.init_process_group("gloo")  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR/PORT
+try:
+    out, *_ = compute({seed})
+    torch.save(out, os.path.join({out!r}, f"rank{{dist.get_rank()}}.pt"))
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_ranks_equal_single_process(tmp_path, fresh_seed):
+    """The way users launch it: ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), seed=fresh_seed, out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ref, *_ = compute(fresh_seed)
+    for key in ("HV_off", "HV_fixed", "lanczos", "trace", "noise", "noise_shared"):
+        for r, got in enumerate(ranks):
+            assert _close(got[key], ref[key]), f"rank {r}: {key} differs from the single-process run"
