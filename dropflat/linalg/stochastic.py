@@ -19,13 +19,14 @@ True
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from ..operators import as_operator, operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Estimate
+from ..results import Estimate, run_manifest
 from .krylov import orthonormalize_against, random_vectors
 
 __all__ = ["hessian_trace", "frobenius_norm", "trace_and_frobenius"]
@@ -49,6 +50,7 @@ def _estimate(op, method: str, num_matvecs: int, seed: int, chunk: int, progress
     if num_matvecs < (3 if method == "hutch++" else 1):
         raise ValueError(f"num_matvecs must be at least {3 if method == 'hutch++' else 1} for {method}")
     bar = progress_bar(total=num_matvecs, enabled=resolve_progress(progress), desc=desc, unit="matvec")
+    start = time.perf_counter()
 
     def forms(Z, AZ):  # per-column zᵀAz and ‖Az‖²
         return (Z * AZ).sum(0).double(), (AZ * AZ).sum(0).double()
@@ -70,8 +72,12 @@ def _estimate(op, method: str, num_matvecs: int, seed: int, chunk: int, progress
     def estimate(part: float, x: torch.Tensor) -> Estimate:
         mean = float(x.mean()) if n_probe else 0.0
         stderr = 0.0 if spans else (float(x.std(unbiased=True)) / math.sqrt(n_probe) if n_probe > 1 else float("nan"))
-        return Estimate(value=part + mean, stderr=stderr, n_matvecs=num_matvecs, method=method)
+        est = Estimate(value=part + mean, stderr=stderr, n_matvecs=num_matvecs, method=method)
+        est.manifest = manifest
+        return est
 
+    manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed, wall_time=time.perf_counter() - start,
+                            n_matvecs=num_matvecs)
     return estimate(exact[0], samples[0]), estimate(exact[1], samples[1])
 
 
@@ -79,7 +85,9 @@ def _norm_from_square(sq: Estimate) -> Estimate:
     """``‖A‖_F`` from ``‖A‖_F²``, standard error by the delta method."""
     value = math.sqrt(max(sq.value, 0.0))
     stderr = sq.stderr / (2 * value) if value > 0 else float("nan")
-    return Estimate(value=value, stderr=stderr, n_matvecs=sq.n_matvecs, method=sq.method)
+    est = Estimate(value=value, stderr=stderr, n_matvecs=sq.n_matvecs, method=sq.method)
+    est.manifest = sq.manifest
+    return est
 
 
 def trace_and_frobenius(op, *, method: str = "hutch++", num_matvecs: int = 100, seed: int = 0, chunk: int = 10,
