@@ -196,6 +196,18 @@ class ModelLoss:
         n = self.evaluate(step, "gradient", sums=(grad, loss_sum))
         return float(loss_sum) / n, grad / n
 
+    def mean_loss(self) -> float:
+        """The data-set mean loss (averaged over this object's masks), without gradients: one forward pass."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def step(state, leaves, batch):
+            with torch.no_grad():
+                for m in self.mask_indices:
+                    loss_sum.add_(self.batch_loss(state, batch, m).double(), alpha=batch.size / len(self.mask_indices))
+
+        n = self.evaluate(step, "loss", sums=(loss_sum,))
+        return float(loss_sum) / n
+
     def mask_gradients(self, indices: Sequence[int]) -> torch.Tensor:
         """``[P, k]``: the data-set mean gradient under each replayable mask in ``indices``, one data pass."""
         indices = list(indices)

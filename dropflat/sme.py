@@ -218,16 +218,7 @@ class _Simulator:
 
     def train_loss(self) -> float:
         """``R_S`` with dropout off at the copy's parameters."""
-        ml = self.off
-        total = torch.zeros((), dtype=torch.float64, device=ml.device)
-
-        def per_batch(state, leaves, batch):
-            nonlocal total
-            with torch.no_grad():
-                total = total + batch.size * ml.batch_loss(state, batch).double()
-
-        n = ml.evaluate(per_batch, "loss")
-        return float(total) / n
+        return self.off.mean_loss()
 
     def run(self, step, lr, steps, record_every, keep_params, progress, config) -> SMETrajectory:
         theta = flatten(self.leaves).to(self.fixed.dtype)

@@ -1,4 +1,6 @@
 """HessianOperator against dense float64 Hessians from torch.autograd.functional.hessian."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,17 @@ def test_retained_graphs_give_same_products(budget, fresh_seed):
     calls["n"] = 0
     H @ V  # outside the context nothing is retained
     assert calls["n"] == len(loader)
+
+
+def test_mean_loss_is_the_sample_weighted_mean(fresh_seed):
+    from dropflat.model_loss import ModelLoss
+
+    model, loader = make_case("cnn", fresh_seed)  # BatchNorm (running statistics) and dropout, uneven batches
+    X, Y = torch.cat([x for x, _ in loader]), torch.cat([y for _, y in loader])
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want = F.cross_entropy(ref(X), Y).item()  # one explicit mean over all samples, dropout off
+    assert ModelLoss(model, loader).mean_loss() == pytest.approx(want, rel=1e-12)
+    # Under masks it agrees with the loss that loss_and_gradient reports (same masks, other code path).
+    ml = ModelLoss(model, loader, dropout="mean", num_masks=3, mask_seed=fresh_seed)
+    assert ml.mean_loss() == pytest.approx(ml.loss_and_gradient()[0], rel=1e-12)

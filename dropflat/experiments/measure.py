@@ -51,7 +51,7 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
     entries (for the plots; the caller pops them before writing JSON).
     """
     H = HessianOperator(model, loader, loss_fn)
-    train_loss, _ = H.loss_and_gradient()
+    train_loss = H.loss.mean_loss()
     spec = lanczos(H, k=max(cfg.top_k, cfg.align_k if with_noise else 0), tol=cfg.tol, eigenvectors=True,
                    seed=seed, progress=progress)
     trace, frobenius = trace_and_frobenius(H, num_matvecs=cfg.trace_matvecs, seed=seed, progress=progress)
@@ -134,5 +134,5 @@ def alignment_probe(loader: Sequence, loss_fn: Callable, cfg: MeasureConfig, see
         noise = dropout_noise(model, loader, loss_fn, num_masks=cfg.track_masks, masks=cfg.masks, seed=seed)
         al = alignment(H, noise, k=2, seed=seed, num_matvecs=min(cfg.trace_matvecs, 30), tol=1e-2)
         return {"cosine": al.cosine, "null_mean": al.null_mean, "null_std": al.null_std,
-                "train_loss": H.loss_and_gradient()[0]}
+                "train_loss": H.loss.mean_loss()}
     return probe

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import atomic_save
 from ..data import call_model
+from ..model_loss import ModelLoss
 from ..progress import progress_bar
 
 __all__ = ["TrainConfig", "TrainLog", "train", "mean_loss", "recalibrate_batchnorm"]
@@ -52,17 +53,8 @@ class TrainLog:
 
 
 def mean_loss(model: nn.Module, batches: Sequence, loss_fn: Callable) -> float:
-    """Sample-weighted mean loss over ``batches`` in eval mode (dropout off); restores the train flag."""
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            size = len(y)
-            total += size * float(loss_fn(call_model(model, x), y))
-            n += size
-    model.train(was)
-    return total / n
+    """Sample-weighted mean loss over ``batches`` with dropout off (BatchNorm on running statistics)."""
+    return ModelLoss(model, batches, loss_fn).mean_loss()
 
 
 def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -79,10 +71,9 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
 
 
-def _minibatches(batches: Sequence, batch_size: int, step: int, seed: int):
+def _minibatch(data, batch_size: int, step: int, seed: int):
     """The mini-batch of optimiser step ``step``: epochs of a seeded permutation (a pure function of the step)."""
-    x_all = _cat([b[0] for b in batches])
-    y_all = torch.cat([b[1] for b in batches])
+    x_all, y_all = data
     n = len(y_all)
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
@@ -125,6 +116,8 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
     eval_batches = batches if eval_batches is None else eval_batches
     eval_loss_fn = loss_fn if eval_loss_fn is None else eval_loss_fn
     n_total = sum(len(y) for _, y in batches)
+    # Mini-batches are drawn from the whole set: concatenate it once, not at every step.
+    whole = None if cfg.batch_size is None else (_cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     track = callback is not None and callback_every > 0
     if track and log.steps == 0 and not log.tracked:
         log.tracked.append({"step": 0, **callback(model)})
@@ -136,7 +129,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
             group["lr"] = _lr_at(cfg, step)
         model.train()
         opt.zero_grad(set_to_none=True)
-        chunks = batches if cfg.batch_size is None else _minibatches(batches, cfg.batch_size, step, seed)
+        chunks = batches if cfg.batch_size is None else _minibatch(whole, cfg.batch_size, step, seed)
         n = n_total if cfg.batch_size is None else sum(len(y) for _, y in chunks)
         step_loss = 0.0
         for x, y in chunks:
