@@ -46,11 +46,13 @@ step kernel_tests "$PY" -P -m pytest -q -rs tests/test_build.py tests/test_philo
   tests/test_dropout_kernels.py  # fused replayable dropout
 # per-sample gradient ghost Gram (Triton on CUDA; its GPU benches run in the benchmarks step)
 step persample_tests "$PY" -P -m pytest -q -rs tests/test_persample.py
+# fused softmax cross-entropy R-operator (Triton on CUDA; its GPU benches run in the benchmarks step)
+step cross_entropy_tests "$PY" -P -m pytest -q -rs tests/test_cross_entropy_kernel.py
 rm -f "$OUT/bench.json"
 # The kernel suites only (each GPU kernel beside its reference; their CPU rows are seconds):
 # the model-level suites (HVP, Lanczos with peers, noise) take tens of minutes on their own.
 step benchmarks "$PY" -P -m pytest benchmarks/bench_philox.py benchmarks/bench_dropout.py \
-  benchmarks/bench_persample.py --benchmark-only -q --benchmark-json="$OUT/bench.json"
+  benchmarks/bench_persample.py benchmarks/bench_cross_entropy.py --benchmark-only -q --benchmark-json="$OUT/bench.json"
 if [[ -f "$OUT/bench.json" ]]; then
   step summary "$PY" benchmarks/summarize.py "$OUT/bench.json"
 fi

@@ -31,6 +31,7 @@ import operator
 from collections.abc import Sequence
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from dropflat import kernels
 from dropflat.dropout.masks import keep_mask, keep_threshold, mask_layout
@@ -91,6 +92,9 @@ def fused_dropout(x: torch.Tensor, q: float, key: int, sample_offset: int, regim
     ``0 <= q < 1``. Differentiable any number of times; bit-identical to
     :func:`dropout_reference` on every backend.
     """
+    if has_torch_function_unary(x):  # lets the R-operator engine see the call (and replay its mask)
+        return handle_torch_function(fused_dropout, (x,), x, q, key, sample_offset, regime, batch_size,
+                                     mask_ndim=mask_ndim, backend=backend)
     args = _check(x, q, key, sample_offset, regime, batch_size, mask_ndim, backend)
     return _FusedDropout.apply(x, args)
 

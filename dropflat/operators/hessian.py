@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,8 +31,12 @@ from torch import nn
 from ..model_loss import ModelLoss, flat_grads
 from ..params import ParamSpec, unflatten
 from .base import LinearOperator
+from .rop import Tape, record
+from .rop_rules import rule_for
 
-__all__ = ["HessianOperator"]
+__all__ = ["HessianOperator", "ENGINES"]
+
+ENGINES = ("auto", "rop", "autograd")
 
 
 class HessianOperator(LinearOperator):
@@ -58,10 +62,18 @@ class HessianOperator(LinearOperator):
         ``H @ V`` (run eigensolvers replicated on every rank); ``True`` requires a group;
         ``False`` ignores it. See :mod:`dropflat.distributed`.
 
+    engine: ``"rop"`` (the default, also ``"auto"``): the batched R-operator of
+        :mod:`dropflat.operators.rop` -- one recorded primal forward per batch, then all ``k``
+        directions carried together through one tangent forward and one R-backward, as larger
+        GEMMs and convolutions; ``"autograd"``: a forward and backward with ``create_graph``
+        per batch, then one double-backward per vector.
+    max_memory: bytes the directions' working set of one batch may take (tangents and their
+        adjoints, about two activations' worth per direction); ``matmat`` splits its ``k``
+        columns into chunks that fit, sharing the primal pass. ``None``: a quarter of the
+        free memory of the device. :attr:`peak_bytes` records the largest working set used.
+
     Vectors are flat, in ``model.named_parameters()`` order (see :func:`dropflat.flatten`).
-    ``matmat(V)`` carries all ``k`` columns of ``V`` through one pass over the data:
-    one forward and backward pass per batch, then ``k`` Hessian-vector products
-    on the retained graph (Pearlmutter's double backward).
+    ``matmat(V)`` carries all ``k`` columns of ``V`` through one pass over the data.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
@@ -69,7 +81,14 @@ class HessianOperator(LinearOperator):
                  num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
                  mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
-                 distributed: Optional[bool] = None):
+                 distributed: Optional[bool] = None, engine: str = "auto", max_memory: Optional[int] = None):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if max_memory is not None and max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+        self.engine = "rop" if engine == "auto" else engine
+        self.max_memory = max_memory
+        self.peak_bytes = 0  # the largest working set of a product so far (estimated on the CPU)
         self.loss = ModelLoss(model, loader, loss_fn, params=params, dropout=dropout, batchnorm=batchnorm,
                               num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn,
                               progress=progress, mask_seed=mask_seed, mask_index=mask_index,
@@ -106,8 +125,16 @@ class HessianOperator(LinearOperator):
                 cache.accepting = cache.complete = False
         return out / n
 
-    def _first_order(self, state, leaves, batch, mask_index, measure: bool) -> "_FirstOrderGraph":
-        """One batch's loss gradient with its graph (``create_graph``), ready for Hessian-vector products."""
+    def _first_order(self, state, leaves, batch, mask_index, measure: bool):
+        """One batch's primal pass, ready for Hessian-vector products (a tape, or a graph with ``create_graph``)."""
+        weight = batch.size / len(self.loss.mask_indices)
+        if self.engine == "rop":
+            # Detached leaves: no autograd graph is built, and the model's no_grad blocks stay visible.
+            detached = {id(t): t.detach() for t in leaves}
+            plain = {name: detached.get(id(t), t) for name, t in state.items()}
+            tape = record([detached[id(t)] for t in leaves],
+                          lambda: self.loss.batch_loss(plain, batch, mask_index), rule_for)
+            return _Retained(weight, tape, None, [], tape.nbytes())
         saved = [0]
 
         def pack(t):  # count what the graph keeps alive (views counted in full: an upper bound)
@@ -120,11 +147,13 @@ class HessianOperator(LinearOperator):
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         # Parameters whose gradient is constant (or absent) contribute no curvature.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return _FirstOrderGraph(batch.size / len(self.loss.mask_indices), leaves, grads, live, saved[0])
+        return _Retained(weight, leaves, grads, live, saved[0])
 
-    @staticmethod
-    def _products(graph: "_FirstOrderGraph", tangents, out: torch.Tensor, keep: bool) -> None:
-        """Accumulate ``weight * H_batch @ V`` column by column on one retained graph."""
+    def _products(self, graph: "_Retained", tangents, out: torch.Tensor, keep: bool) -> None:
+        """Accumulate ``weight * H_batch @ V`` on one batch's retained pass."""
+        if graph.grads is None:
+            self._tape_products(graph.leaves, tangents, out, graph.weight)
+            return
         k = out.shape[1]
         for j in range(k):
             hv = [None] * len(graph.leaves)
@@ -133,6 +162,25 @@ class HessianOperator(LinearOperator):
                                               grad_outputs=[tangents[i][..., j] for i in graph.live],
                                               retain_graph=keep or j < k - 1, allow_unused=True))
             out[:, j].add_(flat_grads(hv, graph.leaves), alpha=graph.weight)
+
+    def _tape_products(self, tape: Tape, tangents, out: torch.Tensor, weight: float) -> None:
+        """All columns through the R-operator, in chunks whose tangents fit ``max_memory``."""
+        k = out.shape[1]
+        per_vector = max(1, tape.nbytes())  # tangents and R-adjoints: one activation set each, per vector
+        budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
+        chunk = max(1, min(k, budget // per_vector))
+        if budget < per_vector:
+            raise MemoryError(
+                f"one Hessian-vector product of this batch needs about {per_vector / 2**20:.0f} MiB of working "
+                f"memory, more than max_memory={budget / 2**20:.0f} MiB; use smaller batches or raise max_memory")
+        self.peak_bytes = max(self.peak_bytes, chunk * per_vector + tape.nbytes())
+        for lo in range(0, k, chunk):
+            hi = min(k, lo + chunk)
+            block = [t[..., lo:hi].movedim(-1, 0) for t in tangents]
+            hv = tape.hvp(block)
+            flat = torch.cat([(torch.zeros_like(t) if h is None else h).reshape(hi - lo, -1)
+                              for h, t in zip(hv, block)], dim=1)
+            out[:, lo:hi].add_(flat.T, alpha=weight)
 
     @contextlib.contextmanager
     def retained(self, max_memory: Optional[int] = None):
@@ -160,10 +208,11 @@ class HessianOperator(LinearOperator):
 
 
 @dataclass
-class _FirstOrderGraph:
+class _Retained:
+    """One batch's primal pass: an R-operator tape (``grads`` None) or a ``create_graph`` gradient graph."""
     weight: float               # the batch's sample count over the number of masks averaged
-    leaves: List[torch.Tensor]
-    grads: Tuple[Optional[torch.Tensor], ...]
+    leaves: Union[List[torch.Tensor], Tape]
+    grads: Optional[Tuple[Optional[torch.Tensor], ...]]
     live: List[int]
     saved_bytes: int
 
@@ -171,13 +220,13 @@ class _FirstOrderGraph:
 @dataclass
 class _GraphCache:
     budget: int
-    graphs: List[_FirstOrderGraph] = field(default_factory=list)
+    graphs: List[_Retained] = field(default_factory=list)
     saved_bytes: int = 0
     accepting: bool = True      # still retaining (within budget)
     complete: bool = False      # a whole pass is retained: products can run on it alone
     num_samples: int = 0
 
-    def add(self, graph: _FirstOrderGraph) -> None:
+    def add(self, graph: _Retained) -> None:
         self.saved_bytes += graph.saved_bytes
         if self.saved_bytes > self.budget:
             self.graphs.clear()  # free them now: the pass goes on unretained

@@ -1,0 +1,804 @@
+"""R-operator rules: per op, the tangent forward, the adjoint, and the R-adjoint.
+
+Every rule implements three maps for a recorded call ``y = f(x_1, ..., x_n)``
+(the ``x_i`` being the inputs that depend on the parameters; tangents carry
+``k`` directions in a leading dimension):
+
+* ``tangent(node, t_in)``: ``R y = Σ_i ∂f/∂x_i · R x_i`` per output;
+* ``vjp(node, g_out)``: ``g_i = (∂f/∂x_i)ᵀ g`` per input;
+* ``rvjp(node, g_out, Rg_out, t_in)``: ``R g_i = (∂f/∂x_i)ᵀ R g + (R ∂f/∂x_i)ᵀ g``,
+  whose second term (the op's own curvature) vanishes for affine ops.
+
+:class:`FuncRule` derives all three from ``torch.func`` (``jvp``/``vjp`` under
+``vmap`` over the directions): exact for any differentiable op, and the
+fallback for ops without a rule. The explicit rules below are for the ops
+that carry the arithmetic (linear, convolution, normalisation, attention,
+the loss), written so that the ``k`` directions travel through one larger
+GEMM or convolution.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten
+
+from .rop import Node, warn_fallback
+
+__all__ = ["rule_for"]
+
+Tensor = torch.Tensor
+
+
+def _zeros_like_missing(values, like) -> tuple:
+    return tuple(torch.zeros_like(p) if v is None else v for v, p in zip(values, like))
+
+
+def _float_outputs(out) -> tuple:
+    flat, _ = tree_flatten(out)
+    return tuple(o for o in flat if isinstance(o, Tensor) and o.is_floating_point())
+
+
+class FuncRule:
+    """Any differentiable op, through ``torch.func``; ``affine`` ops skip the curvature term."""
+
+    def __init__(self, affine: bool = False, warn: bool = False):
+        self.affine = affine
+        self.warn = warn
+
+    def is_affine(self, node) -> bool:
+        return self.affine
+
+    @staticmethod
+    def _fn(node):
+        return lambda *xs: _float_outputs(node.call(*xs))
+
+    def tangent(self, node, t_in):
+        if self.warn:
+            warn_fallback(node.name)
+        f, primals = self._fn(node), tuple(node.inputs)
+        dims = tuple(None if t is None else 0 for t in t_in)
+        return list(vmap(lambda *ts: jvp(f, primals, ts)[1], in_dims=dims)(*_zeros_like_missing(t_in, primals)))
+
+    def vjp(self, node, g_out):
+        _, pullback = vjp(self._fn(node), *node.inputs)
+        return list(pullback(_zeros_like_missing(g_out, node.outputs)))
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        f, primals = self._fn(node), tuple(node.inputs)
+        result: List[Optional[Tensor]] = [None] * len(primals)
+        if any(r is not None for r in Rg_out):
+            _, pullback = vjp(f, *primals)
+            dims = tuple(None if r is None else 0 for r in Rg_out)
+            first = vmap(lambda rs: pullback(rs), in_dims=(dims,))(_zeros_like_missing(Rg_out, node.outputs))
+            result = list(first)
+        if not self.is_affine(node) and any(t is not None for t in t_in):
+            # (R J)ᵀ g is the Hessian of the scalar gᵀf(x) applied to the tangents: symmetric, so it is
+            # reverse-over-reverse, with the inner gradient built once for all k directions.
+            g = _zeros_like_missing(g_out, node.outputs)
+            _, pullback = vjp(lambda *xs: vjp(f, *xs)[1](g), *primals)
+            dims = tuple(None if t is None else 0 for t in t_in)
+            second = vmap(lambda ts: pullback(ts), in_dims=(dims,))(_zeros_like_missing(t_in, primals))
+            result = [s if r is None else r + s for r, s in zip(result, second)]
+        return result
+
+
+class LinearInOneInput(FuncRule):
+    """``mul``, ``matmul``, ``div``...: affine when only one operand (the numerator) depends on the parameters."""
+
+    def __init__(self, numerator_only: bool = False):
+        super().__init__()
+        self.numerator_only = numerator_only
+
+    def is_affine(self, node) -> bool:
+        if self.numerator_only:
+            return node.live == [0]
+        return len(node.live) == 1
+
+
+class EmbeddingRule(FuncRule):
+    """``F.embedding``: linear in the table; the ``padding_idx`` row is a constant (its gradient is zero),
+    so its directions must not flow forward either."""
+
+    def __init__(self):
+        super().__init__(affine=True)
+
+    def tangent(self, node, t_in):
+        out = super().tangent(node, t_in)
+        args, kwargs = node.bound()
+        pad = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+        if pad is None:
+            return out
+        idx = args[0] if args else kwargs["input"]
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        pad = pad if pad >= 0 else pad + weight.shape[0]
+        return [out[0] * (idx != pad).unsqueeze(-1).to(out[0].dtype)]
+
+
+class DisallowedRule:
+    def __init__(self, message: str):
+        self.message = message
+
+    def decompose(self, *args, **kwargs):
+        raise NotImplementedError(self.message)
+
+
+# ------------------------------------------------------------------ elementwise
+
+
+class ReluRule:
+    """``relu``: ``R y = 1[y>0] R x``; piecewise linear, so no curvature term."""
+
+    @staticmethod
+    def _mask(node):
+        if "mask" not in node.ctx:
+            node.ctx["mask"] = (node.outputs[0] > 0).to(node.outputs[0].dtype)
+        return node.ctx["mask"]
+
+    def tangent(self, node, t_in):
+        return [t_in[0] * self._mask(node)]
+
+    def vjp(self, node, g_out):
+        return [g_out[0] * self._mask(node)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        return [None if Rg_out[0] is None else Rg_out[0] * self._mask(node)]
+
+
+class DropoutRule:
+    """A replayable dropout mask ``D = diag(keep)/(1-q)``: ``R y = D R x``, ``g_x = D g``, linear."""
+
+    @staticmethod
+    def _scale(node):
+        if "scale" not in node.ctx:
+            x = node.inputs[0]
+            node.ctx["scale"] = node.call(torch.ones_like(x))
+        return node.ctx["scale"]
+
+    def tangent(self, node, t_in):
+        return [t_in[0] * self._scale(node)]
+
+    def vjp(self, node, g_out):
+        return [g_out[0] * self._scale(node)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        return [None if Rg_out[0] is None else Rg_out[0] * self._scale(node)]
+
+
+class SoftmaxRule:
+    """``y = softmax(x)`` along ``dim``: ``R y = y ⊙ (R x − ⟨y, R x⟩)``;
+    ``R g_x = y ⊙ (R g − ⟨y, R g⟩) + R y ⊙ (g − ⟨y, g⟩) − y ⟨R y, g⟩``."""
+
+    @staticmethod
+    def _dim(node):
+        args, kwargs = node.bound()
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        return dim if dim is not None else -1
+
+    def tangent(self, node, t_in):
+        y, d = node.outputs[0], self._dim(node)
+        t = t_in[0]
+        return [y * (t - (y * t).sum(d, keepdim=True))]
+
+    def vjp(self, node, g_out):
+        y, d, g = node.outputs[0], self._dim(node), g_out[0]
+        return [y * (g - (y * g).sum(d, keepdim=True))]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        y, d = node.outputs[0], self._dim(node)
+        g = g_out[0] if g_out[0] is not None else torch.zeros_like(y)
+        out = None
+        if Rg_out[0] is not None:
+            Rg = Rg_out[0]
+            out = y * (Rg - (y * Rg).sum(d, keepdim=True))
+        if t_in[0] is not None:
+            Ry = self.tangent(node, t_in)[0]
+            term = Ry * (g - (y * g).sum(d, keepdim=True)) - y * (Ry * g).sum(d, keepdim=True)
+            out = term if out is None else out + term
+        return [out]
+
+
+# ------------------------------------------------------------------ linear layers
+
+
+def _k(t_in) -> int:
+    return next(t.shape[0] for t in t_in if t is not None)
+
+
+class LinearRule:
+    """``y = x Wᵀ + b``. Forward ``R y = R x Wᵀ + x V_Wᵀ + V_b``; backward
+    ``R g_x = R g W + g V_W``, ``R g_W = R gᵀ x + gᵀ R x``, ``R g_b = Σ R g``.
+
+    The ``k`` directions share each product: ``R x`` is ``[k, ..., in]``
+    against one ``W``; ``x V_Wᵀ`` is one GEMM against the ``[k·out, in]`` stack.
+    """
+
+    @staticmethod
+    def _parts(node):
+        args, kwargs = node.bound()
+        x = args[0] if args else kwargs["input"]
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        live = [node.leaves[i] for i in node.live]
+        is_live = [any(t is v for v in live) for t in (x, w, b)]
+        return (x, w, b), is_live
+
+    def _tangents(self, node, t_in):
+        (x, w, b), is_live = self._parts(node)
+        it = iter(t_in)
+        return [next(it) if lv else None for lv in is_live]
+
+    def tangent(self, node, t_in):
+        (x, w, b), _ = self._parts(node)
+        tx, tw, tb = self._tangents(node, t_in)
+        k = _k(t_in)
+        out = None
+        if tx is not None:
+            out = tx @ w.T
+        if tw is not None:
+            xv = (x @ tw.reshape(k * w.shape[0], w.shape[1]).T).unflatten(-1, (k, w.shape[0])).movedim(-2, 0)
+            out = xv if out is None else out + xv
+        if tb is not None:
+            tb = tb.reshape((k,) + (1,) * (x.dim() - 1) + (w.shape[0],))
+            out = tb.expand((k,) + tuple(node.outputs[0].shape)) if out is None else out + tb
+        return [out]
+
+    def _select(self, node, parts):
+        (_, is_live) = self._parts(node)
+        return [p for p, lv in zip(parts, is_live) if lv]
+
+    def vjp(self, node, g_out):
+        (x, w, b), is_live = self._parts(node)
+        g = g_out[0]
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = g @ w if is_live[0] else None
+        gw = g2.T @ x2 if is_live[1] else None
+        gb = g2.sum(0) if is_live[2] else None
+        return self._select(node, [gx, gw, gb])
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        (x, w, b), is_live = self._parts(node)
+        tx, tw, _ = self._tangents(node, t_in)
+        g, Rg = g_out[0], Rg_out[0]
+        k = _k([Rg, *t_in])
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)
+        g2 = g.reshape(-1, out_f) if g is not None else None
+        Rg2 = Rg.reshape(k, -1, out_f) if Rg is not None else None
+        gx = gw = gb = None
+        if is_live[0]:
+            if Rg is not None:
+                gx = Rg @ w
+            if tw is not None and g is not None:
+                gv = (g @ tw.permute(1, 0, 2).reshape(out_f, k * in_f)).unflatten(-1, (k, in_f)).movedim(-2, 0)
+                gx = gv if gx is None else gx + gv
+        if is_live[1]:
+            if Rg2 is not None:
+                gw = Rg2.transpose(1, 2) @ x2
+            if tx is not None and g2 is not None:
+                gr = g2.T @ tx.reshape(k, -1, in_f)
+                gw = gr if gw is None else gw + gr
+        if is_live[2] and Rg2 is not None:
+            gb = Rg2.sum(1)
+        return self._select(node, [gx, gw, gb])
+
+
+class ConvRule:
+    """``y = conv(x, W) + b`` (1-D/2-D/3-D, ``groups=1``): the linear layer's rule with convolutions.
+
+    ``R x ⋆ W`` runs as one convolution over ``k·N`` samples; ``x ⋆ V_W`` as one
+    convolution with ``k·C_out`` output channels; the weight adjoints likewise
+    fold ``k`` into the channels of one ``convolution_backward``.
+    """
+
+    @staticmethod
+    def _parts(node):
+        args, kwargs = node.bound()
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        vals = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+        x, w = vals[0], vals[1]
+        b = vals[2] if len(vals) > 2 else None
+        live = [node.leaves[i] for i in node.live]
+        is_live = [t is not None and any(t is v for v in live) for t in (x, w, b)]
+        return x, w, b, is_live
+
+    @staticmethod
+    def _conf(node, w):
+        args, kwargs = node.bound()
+        d = w.dim() - 2
+        names = ("stride", "padding", "dilation", "groups")
+        defaults = (1, 0, 1, 1)
+        vals = {}
+        for i, (n, dv) in enumerate(zip(names, defaults)):
+            vals[n] = args[3 + i] if len(args) > 3 + i else kwargs.get(n, dv)
+
+        def tup(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+        pad = vals["padding"]
+        if isinstance(pad, str):
+            return None  # 'same'/'valid' strings: left to the generic rule
+        return dict(stride=tup(vals["stride"]), padding=tup(pad), dilation=tup(vals["dilation"]),
+                    groups=int(vals["groups"]))
+
+    def usable(self, node) -> bool:
+        x, w, _, _ = self._parts(node)
+        conf = self._conf(node, w)
+        return conf is not None and conf["groups"] == 1 and x.dim() == w.dim()
+
+    def _conv(self, x, w, c):
+        return F.conv1d if w.dim() == 3 else F.conv2d if w.dim() == 4 else F.conv3d
+
+    def _fwd(self, x, w, c):
+        return self._conv(x, w, c)(x, w, None, c["stride"], c["padding"], c["dilation"], 1)
+
+    @staticmethod
+    def _bwd(grad, x, w, c, mask):
+        """``convolution_backward``; ``x`` or ``w`` may be given as a shape when only the other adjoint is wanted."""
+        def real(t):  # a shape stands for a tensor whose values are not read
+            return t if isinstance(t, torch.Tensor) else grad.new_empty(()).expand(tuple(t))
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, real(x), real(w), None, list(c["stride"]), list(c["padding"]), list(c["dilation"]), False,
+            [0] * len(c["stride"]), 1, [mask[0], mask[1], False])
+        return gx, gw
+
+    def tangent(self, node, t_in):
+        x, w, b, is_live = self._parts(node)
+        c = self._conf(node, w)
+        it = iter(t_in)
+        tx, tw, tb = (next(it) if lv else None for lv in is_live)
+        k = _k(t_in)
+        y = node.outputs[0]
+        out = None
+        if tx is not None:
+            out = self._fwd(tx.flatten(0, 1), w, c).unflatten(0, (k, x.shape[0]))
+        if tw is not None:
+            xv = self._fwd(x, tw.flatten(0, 1), c).unflatten(1, (k, w.shape[0])).transpose(0, 1)
+            out = xv if out is None else out + xv
+        if tb is not None:
+            tb = tb.reshape((k, 1, w.shape[0]) + (1,) * (y.dim() - 2))
+            out = tb.expand((k,) + tuple(y.shape)) if out is None else out + tb
+        return [out]
+
+    def vjp(self, node, g_out):
+        x, w, b, is_live = self._parts(node)
+        c = self._conf(node, w)
+        g = g_out[0]
+        gx, gw = self._bwd(g, x if is_live[1] else x.shape, w, c, (is_live[0], is_live[1]))
+        gb = g.sum([0] + list(range(2, g.dim()))) if is_live[2] else None
+        return [v for v, lv in zip((gx, gw, gb), is_live) if lv]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        x, w, b, is_live = self._parts(node)
+        c = self._conf(node, w)
+        it = iter(t_in)
+        tx, tw, _ = (next(it) if lv else None for lv in is_live)
+        g, Rg = g_out[0], Rg_out[0]
+        k = _k([Rg, *t_in])
+        N, C_in = x.shape[:2]
+        C_out = w.shape[0]
+        gx = gw = gb = None
+        if is_live[0]:
+            if Rg is not None:
+                gx = self._bwd(Rg.flatten(0, 1), (k * N,) + tuple(x.shape[1:]), w, c, (True, False))[0]
+                gx = gx.unflatten(0, (k, N))
+            if tw is not None and g is not None:  # g ⋆ᵀ V_W for all k at once: V_W stacked as [C_out, k·C_in, ...]
+                wk = tw.transpose(0, 1).flatten(1, 2)
+                gv = self._bwd(g, (N, k * C_in) + tuple(x.shape[2:]), wk, c, (True, False))[0]
+                gv = gv.unflatten(1, (k, C_in)).transpose(0, 1)
+                gx = gv if gx is None else gx + gv
+        if is_live[1]:
+            if Rg is not None:  # R gᵀ x, k folded into the output channels
+                Rgc = Rg.transpose(0, 1).flatten(1, 2)
+                gw = self._bwd(Rgc, x, (k * C_out,) + tuple(w.shape[1:]), c, (False, True))[1]
+                gw = gw.unflatten(0, (k, C_out))
+            if tx is not None and g is not None:  # gᵀ R x, k folded into the input channels
+                txc = tx.transpose(0, 1).flatten(1, 2)
+                gr = self._bwd(g, txc, (C_out, k * C_in) + tuple(w.shape[2:]), c, (False, True))[1]
+                gr = gr.unflatten(1, (k, C_in)).transpose(0, 1)
+                gw = gr if gw is None else gw + gr
+        if is_live[2] and Rg is not None:
+            gb = Rg.sum([1] + list(range(3, Rg.dim())))
+        return [v for v, lv in zip((gx, gw, gb), is_live) if lv]
+
+
+class ConvOrGeneric:
+    """Dispatch to :class:`ConvRule` when the call fits it (groups=1, numeric padding), else torch.func."""
+
+    def __init__(self):
+        self.conv, self.generic = ConvRule(), FuncRule(warn=True)
+
+    def _pick(self, node):
+        if "rule" not in node.ctx:
+            node.ctx["rule"] = self.conv if self.conv.usable(node) else self.generic
+        return node.ctx["rule"]
+
+    def tangent(self, node, t_in):
+        return self._pick(node).tangent(node, t_in)
+
+    def vjp(self, node, g_out):
+        return self._pick(node).vjp(node, g_out)
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        return self._pick(node).rvjp(node, g_out, Rg_out, t_in)
+
+
+class BatchNormRule:
+    """``F.batch_norm``. Eval mode (running statistics) is affine in ``x`` and bilinear in ``(x, γ)``:
+    ``y = x̂ γ + β`` with ``x̂ = (x − μ)/σ`` fixed per channel; batch statistics go through torch.func
+    (exact), with the running-statistics update left out (it does not change the output)."""
+
+    def __init__(self):
+        self.generic = FuncRule()
+
+    @staticmethod
+    def _parts(node):
+        args, kwargs = node.bound()
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        defaults = dict(running_mean=None, running_var=None, weight=None, bias=None, training=False,
+                        momentum=0.1, eps=1e-5)
+        vals = dict(zip(names, args))
+        for n in names[len(args):]:
+            vals[n] = kwargs.get(n, defaults.get(n))
+        return vals
+
+    def _eval(self, node) -> bool:
+        v = self._parts(node)
+        live = [node.leaves[i] for i in node.live]
+        stats_live = any(v[n] is not None and any(v[n] is t for t in live) for n in ("running_mean", "running_var"))
+        return not v["training"] and v["running_mean"] is not None and not stats_live
+
+    @staticmethod
+    def _generic_node(node):
+        """The same call without the in-place running-statistics update (which vmap forbids)."""
+        if "stateless" not in node.ctx:
+            node.ctx["stateless"] = Node(_batch_norm_stateless, None, node.leaves, node.spec, node.live,
+                                         node.outputs, node.name)
+        return node.ctx["stateless"]
+
+    def _stats(self, node):
+        if "stats" not in node.ctx:
+            v = self._parts(node)
+            x = v["input"]
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            inv = torch.rsqrt(v["running_var"] + v["eps"]).reshape(shape)
+            xhat = (x - v["running_mean"].reshape(shape)) * inv
+            node.ctx["stats"] = (v, shape, inv, xhat)
+        return node.ctx["stats"]
+
+    def _which(self, node):
+        v = self._parts(node)
+        live = [node.leaves[i] for i in node.live]
+        return [n for n in ("input", "weight", "bias") if v[n] is not None and any(v[n] is t for t in live)]
+
+    def tangent(self, node, t_in):
+        if not self._eval(node):
+            return self.generic.tangent(self._generic_node(node), t_in)
+        v, shape, inv, xhat = self._stats(node)
+        t = dict(zip(self._which(node), t_in))
+        k = _k(t_in)
+        kshape = (k,) + shape
+        out = None
+        if t.get("input") is not None:
+            scale = inv if v["weight"] is None else inv * v["weight"].reshape(shape)
+            out = t["input"] * scale
+        if t.get("weight") is not None:
+            term = xhat * t["weight"].reshape(kshape)
+            out = term if out is None else out + term
+        if t.get("bias") is not None:
+            term = t["bias"].reshape(kshape)
+            out = term.expand((k,) + tuple(xhat.shape)) if out is None else out + term
+        return [out]
+
+    def vjp(self, node, g_out):
+        if not self._eval(node):
+            return self.generic.vjp(self._generic_node(node), g_out)
+        v, shape, inv, xhat = self._stats(node)
+        g = g_out[0]
+        red = [0] + list(range(2, g.dim()))
+        res = {"input": g * (inv if v["weight"] is None else inv * v["weight"].reshape(shape)),
+               "weight": (g * xhat).sum(red), "bias": g.sum(red)}
+        return [res[n] for n in self._which(node)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        if not self._eval(node):
+            return self.generic.rvjp(self._generic_node(node), g_out, Rg_out, t_in)
+        v, shape, inv, xhat = self._stats(node)
+        which = self._which(node)
+        t = dict(zip(which, t_in))
+        g, Rg = g_out[0], Rg_out[0]
+        k = _k([Rg, *t_in])
+        kshape = (k,) + shape
+        red = [1] + list(range(3, xhat.dim() + 1))
+        res = {}
+        if "input" in which:
+            r = None
+            if Rg is not None:
+                r = Rg * (inv if v["weight"] is None else inv * v["weight"].reshape(shape))
+            if t.get("weight") is not None and g is not None:
+                term = g * (inv * t["weight"].reshape(kshape))
+                r = term if r is None else r + term
+            res["input"] = r
+        if "weight" in which:
+            r = None
+            if Rg is not None:
+                r = (Rg * xhat).sum(red)
+            if t.get("input") is not None and g is not None:
+                term = (g * t["input"] * inv).sum(red)
+                r = term if r is None else r + term
+            res["weight"] = r
+        if "bias" in which:
+            res["bias"] = None if Rg is None else Rg.sum(red)
+        return [res.get(n) for n in which]
+
+
+def _batch_norm_stateless(input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+                          momentum=0.1, eps=1e-5):
+    return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+
+
+class CrossEntropyRule:
+    """Mean softmax cross-entropy over class-index targets (``ignore_index``, ``label_smoothing``).
+
+    With ``p = softmax(z)`` per row and ``n`` the number of counted rows:
+    ``g = (p − q)/n`` (``q`` the smoothed one-hot target) and
+    ``R g = (p ⊙ R z − p ⟨p, R z⟩)/n``, zero on ignored rows.
+    """
+
+    def __init__(self):
+        self.generic = FuncRule()
+
+    @staticmethod
+    def _parts(node):
+        args, kwargs = node.bound()
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+                 "label_smoothing")
+        vals = dict(zip(names, args))
+        for n in names[len(args):]:
+            vals[n] = kwargs.get(n)
+        return vals
+
+    def _fits(self, node) -> bool:
+        v = self._parts(node)
+        return (node.live == [0] and v["weight"] is None and v["size_average"] is None and v["reduce"] is None
+                and v.get("reduction") in (None, "mean") and not v["target"].is_floating_point()
+                and v["input"].dim() >= 2)
+
+    def _fused(self, node, Rz):
+        """``(loss, g, R g)`` with classes last (:func:`dropflat.kernels.cross_entropy.cross_entropy_rop`:
+        one fused kernel on the GPU)."""
+        from ..kernels.cross_entropy import cross_entropy_rop
+
+        v = self._parts(node)
+        ignore = v["ignore_index"] if v["ignore_index"] is not None else -100
+        return cross_entropy_rop(v["input"].movedim(1, -1), v["target"], Rz, ignore_index=ignore,
+                                 label_smoothing=v["label_smoothing"] or 0.0)
+
+    def _g(self, node):
+        if "g" not in node.ctx:
+            z = node.inputs[0]
+            node.ctx["g"] = self._fused(node, z.new_empty((0,) + tuple(z.movedim(1, -1).shape)))[1]
+        return node.ctx["g"]
+
+    def tangent(self, node, t_in):
+        if not self._fits(node):
+            return self.generic.tangent(node, t_in)
+        t = t_in[0].movedim(2, -1)
+        return [(self._g(node) * t).sum(tuple(range(1, t.dim())))]
+
+    def vjp(self, node, g_out):
+        if not self._fits(node):
+            return self.generic.vjp(node, g_out)
+        return [(self._g(node) * g_out[0]).movedim(-1, 1)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        if not self._fits(node):
+            return self.generic.rvjp(node, g_out, Rg_out, t_in)
+        out = None
+        if Rg_out[0] is not None:  # the loss is a scalar: R g_out is [k]
+            g = self._g(node)
+            out = Rg_out[0].reshape((-1,) + (1,) * g.dim()) * g
+        if t_in[0] is not None and g_out[0] is not None:
+            term = self._fused(node, t_in[0].movedim(2, -1))[2] * g_out[0]
+            out = term if out is None else out + term
+        return [None if out is None else out.movedim(-1, 2)]
+
+
+# ------------------------------------------------------------------ decompositions (recorded piece by piece)
+
+
+class SDPARule:
+    """``scaled_dot_product_attention`` written out (scores, mask, softmax, weighted values) so that each
+    piece is recorded: the fused kernels have neither a forward-mode nor a second derivative."""
+
+    def decompose(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False):
+        if dropout_p > 0.0:
+            raise NotImplementedError(
+                "scaled_dot_product_attention with dropout_p > 0 draws random masks; Hessian products need "
+                "dropout='off' (eval) or replayable masks (dropout='fixed' or 'mean')")
+        if enable_gqa and key.size(-3) != query.size(-3):
+            rep = query.size(-3) // key.size(-3)
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        s = scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
+        scores = (query @ key.transpose(-2, -1)) * s
+        if is_causal:
+            L, S = query.size(-2), key.size(-2)
+            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        return torch.softmax(scores, dim=-1) @ value
+
+
+class MultiheadAttentionRule:
+    """``F.multi_head_attention_forward`` written out with linear projections and
+    ``F.scaled_dot_product_attention`` (whatever it is at call time: under replayable
+    dropout masks it is the masked math form), so that every piece is recorded."""
+
+    def decompose(self, query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                  bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+                  key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
+                  q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                  average_attn_weights=True, is_causal=False):
+        if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+            raise NotImplementedError("nn.MultiheadAttention with add_bias_kv / add_zero_attn / static keys has no "
+                                      "R-operator rule; use HessianOperator(engine='autograd')")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        L, N, E = query.shape
+        S = key.shape[0]
+        H = num_heads
+        hd = E // H
+        if use_separate_proj_weight:
+            wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+        else:
+            wq, wk, wv = in_proj_weight.chunk(3)
+        bq = bk = bv = None
+        if in_proj_bias is not None:
+            bq, bk, bv = in_proj_bias.chunk(3)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        # [L, N, E] -> [N, H, L, hd]
+        q = q.reshape(L, N, H, hd).permute(1, 2, 0, 3)
+        k = k.reshape(S, N, H, hd).permute(1, 2, 0, 3)
+        v = v.reshape(S, N, H, hd).permute(1, 2, 0, 3)
+        mask = _merge_masks(attn_mask, key_padding_mask, is_causal and attn_mask is None, N, H, L, S, q)
+        p = dropout_p if training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            if p > 0.0:
+                weights = F.dropout(weights, p, training=True)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+        out = F.linear(out, out_proj_weight, out_proj_bias)
+        if not batched:
+            out = out.squeeze(1)
+        if not need_weights:
+            return out, None
+        w = weights.mean(1) if average_attn_weights else weights
+        return out, (w if batched else w.squeeze(0))
+
+
+def _merge_masks(attn_mask, key_padding_mask, causal, N, H, L, S, like):
+    """One additive float mask ``[N or 1, H or 1, L, S]`` (``-inf`` where attention is forbidden), or None."""
+    mask = None
+
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=like.dtype, device=like.device).masked_fill(m, float("-inf"))
+        return m.to(like.dtype)
+
+    if causal:
+        mask = torch.zeros(L, S, dtype=like.dtype, device=like.device).masked_fill(
+            ~torch.ones(L, S, dtype=torch.bool, device=like.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        if m.dim() == 3:  # [N*H, L, S]
+            m = m.reshape(N, H, L, S)
+        mask = m if mask is None else mask + m
+    if key_padding_mask is not None:
+        m = additive(key_padding_mask).reshape(N, 1, 1, S)
+        mask = m if mask is None else mask + m
+    return mask
+
+
+class DropoutCallRule:
+    """``F.dropout`` seen directly is PyTorch's random dropout: identity when off, an error when on."""
+
+    def decompose(self, input, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            raise NotImplementedError(
+                "random dropout inside a Hessian product: use dropout='off', or replayable masks "
+                "(dropout='fixed' or 'mean')")
+        return input
+
+
+# ------------------------------------------------------------------ the table
+
+
+_AFFINE_NAMES = {
+    # views and copies
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "T", "mT", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "clone", "__getitem__", "narrow", "select",
+    "chunk", "split", "unbind", "tensor_split", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "diagonal", "tile", "broadcast_to", "index_select", "gather", "take_along_dim", "to", "float",
+    "double", "half", "bfloat16", "type_as", "detach_copy",
+    # sums and linear combinations
+    "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "neg", "__neg__", "negative", "sum", "mean",
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "pad", "_setitem", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d",    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "masked_fill", "where", "cumsum", "diff",
+    "trace", "tril", "triu",
+    # piecewise linear
+    "relu6", "hardtanh", "leaky_relu", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "abs",
+    "clamp", "clip", "maximum", "minimum", "max", "min", "amax", "amin", "__abs__",
+}
+_ONE_OPERAND_LINEAR = {"mul", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum",
+                       "multiply", "outer", "baddbmm", "addmm", "bilinear"}
+_NUMERATOR_LINEAR = {"div", "__truediv__", "true_divide", "divide"}
+_KNOWN_NONLINEAR = {"gelu", "silu", "tanh", "sigmoid", "softplus", "exp", "log", "log_softmax", "layer_norm",
+                    "group_norm", "rms_norm", "mse_loss", "pow", "__pow__", "sqrt", "rsqrt", "elu", "selu",
+                    "mish", "hardswish", "hardsigmoid", "logsigmoid", "nll_loss", "square", "var", "std",
+                    "norm", "erf", "cos", "sin", "__rtruediv__", "reciprocal", "logsumexp", "softsign", "tanhshrink",
+                    "normalize", "glu", "prelu", "binary_cross_entropy_with_logits", "smooth_l1_loss",
+                    "huber_loss", "l1_loss", "cosine_similarity", "kl_div", "linalg_vector_norm", "vector_norm",
+                    "log1p", "expm1", "log2", "log10", "exp2", "atan", "asin", "acos", "sinh", "cosh", "softmin",
+                    "cumprod", "prod", "special_erf", "erfc", "xlogy", "rsub", "__rpow__", "atan2", "hypot"}
+
+_RELU, _SOFTMAX, _LINEAR, _CONV = ReluRule(), SoftmaxRule(), LinearRule(), ConvOrGeneric()
+_BN, _CE, _DROPOUT, _EMBEDDING = BatchNormRule(), CrossEntropyRule(), DropoutRule(), EmbeddingRule()
+_AFFINE, _CURVED, _UNKNOWN = FuncRule(affine=True), FuncRule(), FuncRule(warn=True)
+_ONE, _NUM = LinearInOneInput(), LinearInOneInput(numerator_only=True)
+_SDPA, _MHA, _FDROP = SDPARule(), MultiheadAttentionRule(), DropoutCallRule()
+
+
+def rule_for(func, kwargs) -> object:
+    """The rule for a call of ``func`` (by identity for the ops with explicit rules, else by name)."""
+    from ..kernels.dropout import fused_dropout
+
+    if func is fused_dropout:
+        return _DROPOUT
+    if func is F.scaled_dot_product_attention or getattr(func, "__name__", "") == "scaled_dot_product_attention":
+        return _SDPA
+    if func is F.multi_head_attention_forward:
+        return _MHA
+    if func is F.dropout or func is torch.dropout:
+        return _FDROP
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    if name in ("relu", "relu_") or func is F.relu:
+        return _RELU
+    if name in ("softmax", "_softmax"):
+        return _SOFTMAX
+    if name == "linear":
+        return _LINEAR
+    if name in ("conv1d", "conv2d", "conv3d"):
+        return _CONV
+    if name == "batch_norm":
+        return _BN
+    if name == "embedding":
+        return _EMBEDDING
+    if name == "cross_entropy":
+        return _CE
+    if name in _AFFINE_NAMES:
+        return _AFFINE
+    if name in _ONE_OPERAND_LINEAR:
+        return _ONE
+    if name in _NUMERATOR_LINEAR:
+        return _NUM
+    if name in _KNOWN_NONLINEAR:
+        return _CURVED
+    return _UNKNOWN
