@@ -9,11 +9,15 @@ on 1024 random samples, a 2-layer Transformer on 256 random sequences; see
   -- the unit everything else is divided by;
 * ``plain_gradient``: the same gradient pass written out with ``autograd.grad``
   on the model (no dropflat), to show what the unit itself costs;
-* ``dropflat_matvec``: ``HessianOperator.matvec`` (one vector);
+* ``dropflat_matvec``: ``HessianOperator.matvec`` (one vector), default engine
+  (the batched R-operator, :mod:`dropflat.operators.rop`);
 * ``dropflat_matmat``: ``HessianOperator.matmat`` with k = 8 vectors in one pass;
+* ``dropflat_autograd_matmat``: the same with ``engine="autograd"`` (a
+  ``create_graph`` gradient per batch, then one double backward per vector),
+  the engine the R-operator replaced;
 * ``dropflat_matvec_retained``: ``matvec`` inside ``HessianOperator.retained()``,
-  where each batch's first-order graph is kept between products (what
-  ``dropflat.lanczos`` does): a product costs the second backward only;
+  where each batch's primal pass (tape and adjoints) is kept between products
+  (what ``dropflat.lanczos`` does): a product costs the tangent sweeps only;
 * ``double_backward``: the textbook Pearlmutter product as PyHessian does it:
   per vector and batch, a forward pass, ``autograd.grad(create_graph=True)``,
   then ``autograd.grad`` of the gradient against the vector (one full pass
@@ -257,6 +261,22 @@ def test_dropflat_matmat(benchmark, name):
     benchmark.group = f"hvp-{name}"
     run(benchmark, s, lambda: s.op.matmat(s.V))
     record(benchmark, s, f"dropflat_matmat_k{K}", vectors=K, passes=1, max_rel_diff=0.0)
+    if getattr(benchmark, "stats", None) is not None:
+        benchmark.extra_info["engine"] = getattr(s.op, "engine", "autograd")
+        benchmark.extra_info["working_set_bytes"] = getattr(s.op, "peak_bytes", None)
+
+
+@PROBLEMS
+def test_dropflat_autograd_matmat(benchmark, name):
+    """The previous engine (``engine="autograd"``): one forward and backward with ``create_graph`` per batch,
+    then one double backward per vector -- what the R-operator engine replaced as the default."""
+    s = get_setup(name)
+    benchmark.group = f"hvp-{name}"
+    op = dropflat.HessianOperator(s.model, s.loader, engine="autograd")
+    err = rel_diff(op.matmat(s.V), s.reference)
+    assert err < CHECK_RTOL
+    run(benchmark, s, lambda: op.matmat(s.V))
+    record(benchmark, s, f"dropflat_autograd_matmat_k{K}", vectors=K, passes=1, max_rel_diff=err)
 
 
 @PROBLEMS

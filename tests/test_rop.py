@@ -949,3 +949,61 @@ def test_parameter_subset_is_the_dense_block(engine, seed):
     V = vectors(len(keep), 3, seed)
     assert_close64(op.matmat(V), H[keep][:, keep] @ V, seed, "frozen layer")
 
+
+
+# ---------------------------------------------------------------- memory planning and reuse (rop engine)
+
+
+def _chunk_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 5 * 5, 4)).double().eval()
+    _randomize_norms(model, g)
+    loader = [(torch.randn(6, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g))
+              for _ in range(2)]
+    return model, loader
+
+
+def test_max_memory_splits_the_block_into_chunks_with_the_same_products(seed):
+    model, loader = _chunk_case(seed)
+    whole = dropflat.HessianOperator(model, loader, engine="rop")
+    V = vectors(whole.shape[0], 7, seed)
+    whole.matvec(V[:, 0])
+    per_vector = whole.peak_bytes // 2  # peak = chunk * per-vector working set + the tape (one per-vector unit)
+    ref = whole.matmat(V)
+    chunked = dropflat.HessianOperator(model, loader, engine="rop", max_memory=2 * per_vector)
+    got = chunked.matmat(V)
+    assert_close64(got, ref, seed, "chunked products")
+    # The working set honours the budget: two vectors per chunk, plus the retained primal pass.
+    assert chunked.peak_bytes == 3 * per_vector < whole.peak_bytes, why(seed)
+
+
+def test_max_memory_below_one_vector_is_a_clear_error(seed):
+    model, loader = _chunk_case(seed)
+    op = dropflat.HessianOperator(model, loader, engine="rop", max_memory=16)
+    with pytest.raises(MemoryError, match="max_memory"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_memory"):
+        dropflat.HessianOperator(model, loader, max_memory=0)
+    with pytest.raises(ValueError, match="engine"):
+        dropflat.HessianOperator(model, loader, engine="pearlmutter")
+
+
+def test_retained_tapes_give_the_same_products(seed):
+    """Inside ``retained()`` the tapes and their adjoints are reused: later products skip the primal pass."""
+    model, loader = _chunk_case(seed)
+    op = dropflat.HessianOperator(model, loader, engine="rop")
+    V = vectors(op.shape[0], 3, seed)
+    ref = op.matmat(V)
+    calls = []
+    with op.retained():
+        first = op.matmat(V)
+        original = op.loss.batch_loss
+        op.loss.batch_loss = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            second = op.matmat(V[:, :2])
+        finally:
+            del op.loss.batch_loss
+    assert calls == [], "a retained product ran the model again"
+    assert_close64(first, ref, seed, "first retained product")
+    assert_close64(second, ref[:, :2], seed, "product on retained tapes")

@@ -47,7 +47,8 @@ def _thresholds(theta: np.ndarray, tol: float, dtype: torch.dtype) -> np.ndarray
 def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss_fn: Optional[Callable] = None,
             which: str = "largest", tol: float = 1e-3, max_iter: Optional[int] = None, ncv: Optional[int] = None,
             eigenvectors: bool = False, seed: int = 0, progress: Optional[bool] = None,
-            reuse: bool = True, checkpoint=None, checkpoint_every: int = 10, **operator_kwargs) -> Spectrum:
+            reuse: bool = True, checkpoint=None, checkpoint_every: int = 10, method: str = "auto",
+            block_size: Optional[int] = None, **operator_kwargs) -> Spectrum:
     """The ``k`` extreme eigenpairs of a model's Hessian, or of any symmetric operator.
 
     Parameters
@@ -74,11 +75,29 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
         from another call (operator, ``k``, ``which``, ``tol``, ``max_iter``, ``ncv``,
         ``seed``) is refused; see :mod:`dropflat.checkpoint`.
 
+    method: ``"block"``: thick-restart block Lanczos (:func:`~dropflat.linalg.block_lanczos.block_lanczos`),
+        ``block_size`` vectors per operator call; ``"single"``: one vector per call;
+        ``"auto"`` (default): block where the operator's batched products make a vector in a
+        block much cheaper than a vector alone (a model's Hessian on a GPU), single otherwise:
+        block Lanczos needs fewer calls but 2-3.5x more vectors (``block_lanczos``'s notes).
+
     The final residuals are computed explicitly, ``‖A v - λ v‖`` (one more block
     product of ``k`` vectors), so ``converged`` is checked, not assumed.
     """
     began = time.perf_counter()
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
+    if method not in ("auto", "block", "single"):
+        raise ValueError(f"method must be 'auto', 'block' or 'single', got {method!r}")
+    if method == "auto":
+        method = "block" if getattr(op, "batched_products", False) else "single"
+    if method == "block":
+        from .block_lanczos import block_lanczos
+
+        return block_lanczos(op, k, block_size=block_size, which=which, tol=tol, max_iter=max_iter, ncv=ncv,
+                             eigenvectors=eigenvectors, seed=seed, progress=progress, reuse=reuse,
+                             checkpoint=checkpoint, checkpoint_every=checkpoint_every, began=began)
+    if block_size not in (None, 1):
+        raise ValueError(f"block_size={block_size} needs method='block'")
     P = op.shape[0]
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")

@@ -37,6 +37,8 @@ from .rop_rules import rule_for
 __all__ = ["HessianOperator", "ENGINES"]
 
 ENGINES = ("auto", "rop", "autograd")
+CPU_CHUNK_VECTORS = 4        # most directions carried together on a CPU
+CPU_CHUNK_BYTES = 128 << 20  # most working set of a chunk on a CPU
 
 
 class HessianOperator(LinearOperator):
@@ -98,6 +100,16 @@ class HessianOperator(LinearOperator):
         self.dtype = self.loss.dtype
         self.device = self.loss.device
         self._cache: Optional[_GraphCache] = None
+
+    @property
+    def batched_products(self) -> bool:
+        """Whether a block of vectors costs much less per vector than one vector alone.
+
+        True for the R-operator engine on a GPU, where the ``k`` directions make larger GEMMs and
+        convolutions; on a CPU the products are memory-bound and a vector in a block costs about as
+        much as a vector alone (see ``CPU_CHUNK_BYTES``), so block eigensolvers do not pay there.
+        """
+        return self.engine == "rop" and self.device.type == "cuda"
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         tangents = unflatten(V, self.loss.param_shapes)  # each [*shape, k]
@@ -169,6 +181,11 @@ class HessianOperator(LinearOperator):
         per_vector = max(1, tape.nbytes())  # tangents and R-adjoints: one activation set each, per vector
         budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
         chunk = max(1, min(k, budget // per_vector))
+        if self.device.type == "cpu":
+            # On a CPU the k-fold tangents stream from memory: measured on ResNet-20 / an MLP / a
+            # Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
+            # vector than they save, so the directions go through a few at a time.
+            chunk = max(1, min(chunk, CPU_CHUNK_VECTORS, CPU_CHUNK_BYTES // per_vector))
         if budget < per_vector:
             raise MemoryError(
                 f"one Hessian-vector product of this batch needs about {per_vector / 2**20:.0f} MiB of working "

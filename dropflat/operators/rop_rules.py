@@ -99,6 +99,292 @@ class LinearInOneInput(FuncRule):
         return len(node.live) == 1
 
 
+def _sum_to(t: Tensor, shape, lead: int = 0) -> Tensor:
+    """Sum ``t`` down to ``shape`` (undoing broadcasting), keeping its first ``lead`` dims."""
+    shape = tuple(shape)
+    extra = t.dim() - lead - len(shape)
+    if extra:
+        t = t.sum(tuple(range(lead, lead + extra)))
+    dims = tuple(lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _lift(t: Tensor, ndim: int) -> Tensor:
+    """A tangent ``[k, *s]`` viewed with ``ndim`` trailing dims, so it broadcasts like its primal."""
+    missing = ndim - (t.dim() - 1)
+    return t.reshape((t.shape[0],) + (1,) * missing + tuple(t.shape[1:])) if missing > 0 else t
+
+
+class AddRule:
+    """``x ± alpha·y`` (either may be a constant): affine, tangents add, adjoints sum back to each shape."""
+
+    def __init__(self, sign: float, reverse: bool = False):
+        self.sign, self.reverse = sign, reverse
+
+    def _coefs(self, node):
+        args, kwargs = node.bound()
+        alpha = kwargs.get("alpha", 1)
+        a, b = (args[1], args[0]) if self.reverse else (args[0], args[1])
+        coef = {id(a): 1.0, id(b): self.sign * alpha} if a is not b else {id(a): 1.0 + self.sign * alpha}
+        return [coef[id(x)] for x in node.inputs]
+
+    @staticmethod
+    def fits(node) -> bool:
+        args, kwargs = node.bound()
+        return len(args) == 2 and set(kwargs) <= {"alpha"} and all(
+            isinstance(a, (Tensor, int, float)) for a in args)
+
+    def tangent(self, node, t_in):
+        n, out = node.outputs[0].dim(), None
+        for c, t in zip(self._coefs(node), t_in):
+            if t is not None:
+                term = _lift(t, n) * c if c != 1.0 else _lift(t, n)
+                out = term if out is None else out + term
+        k = out.shape[0]
+        return [out.expand((k,) + tuple(node.outputs[0].shape))]
+
+    def vjp(self, node, g_out):
+        g = g_out[0]
+        return [_sum_to(g * c if c != 1.0 else g, x.shape) for c, x in zip(self._coefs(node), node.inputs)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        Rg = Rg_out[0]
+        if Rg is None:
+            return [None] * len(node.inputs)
+        return [_sum_to(Rg * c if c != 1.0 else Rg, x.shape, lead=1) for c, x in zip(self._coefs(node), node.inputs)]
+
+
+class ReshapeRule:
+    """Views that keep the row-major order of the elements (view, reshape, flatten, (un)squeeze, ...)."""
+
+    def tangent(self, node, t_in):
+        return [t_in[0].reshape((t_in[0].shape[0],) + tuple(node.outputs[0].shape))]
+
+    def vjp(self, node, g_out):
+        return [g_out[0].reshape(node.inputs[0].shape)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        Rg = Rg_out[0]
+        return [None if Rg is None else Rg.reshape((Rg.shape[0],) + tuple(node.inputs[0].shape))]
+
+
+class PermuteRule:
+    """``transpose`` / ``permute`` / ``t`` / ``mT``: the same permutation one dim to the right, and its inverse."""
+
+    def _perm(self, node):
+        if "perm" not in node.ctx:
+            x, name = node.inputs[0], node.name.rsplit(".", 1)[-1]
+            args, kwargs = node.bound()
+            n = x.dim()
+            perm = list(range(n))
+            if name in ("transpose", "swapaxes", "swapdims", "t", "mT"):
+                if name in ("t", "mT"):
+                    d0, d1 = (0, 1) if name == "t" else (n - 2, n - 1)
+                else:
+                    d0 = args[1] if len(args) > 1 else kwargs.get("dim0")
+                    d1 = args[2] if len(args) > 2 else kwargs.get("dim1")
+                d0, d1 = d0 % n, d1 % n
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+            else:  # permute(*dims) or permute(dims)
+                dims = args[1:] if len(args) > 1 else kwargs.get("dims")
+                if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                    dims = dims[0]
+                perm = [d % n for d in dims]
+            inverse = [0] * n
+            for i, d in enumerate(perm):
+                inverse[d] = i
+            node.ctx["perm"] = (perm, inverse)
+        return node.ctx["perm"]
+
+    def tangent(self, node, t_in):
+        perm, _ = self._perm(node)
+        return [t_in[0].permute([0] + [d + 1 for d in perm])]
+
+    def vjp(self, node, g_out):
+        _, inverse = self._perm(node)
+        return [g_out[0].permute(inverse)]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        _, inverse = self._perm(node)
+        Rg = Rg_out[0]
+        return [None if Rg is None else Rg.permute([0] + [d + 1 for d in inverse])]
+
+
+class MatmulRule:
+    """``A @ B`` (batched, no broadcasting between the operands' batch dims): bilinear.
+    ``R(AB) = RA·B + A·RB``; ``R g_A = Rg·Bᵀ + g·RBᵀ``, ``R g_B = Aᵀ·Rg + RAᵀ·g``."""
+
+    @staticmethod
+    def fits(node) -> bool:
+        args, kwargs = node.bound()
+        if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
+            return False
+        a, b = args
+        return a.dim() >= 2 and b.dim() >= 2 and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2])
+
+    def _ab(self, node, t_in):
+        args, _ = node.bound()
+        a, b = args
+        t = {id(x): tx for x, tx in zip(node.inputs, t_in)}
+        return a, b, t.get(id(a)), t.get(id(b)), [x is a for x in node.inputs]
+
+    def tangent(self, node, t_in):
+        a, b, ta, tb, _ = self._ab(node, t_in)
+        out = None if ta is None else ta @ b
+        if tb is not None:
+            out = a @ tb if out is None else out + a @ tb
+        return [out]
+
+    def vjp(self, node, g_out):
+        args, _ = node.bound()
+        a, b = args
+        g = g_out[0]
+        res = []
+        for x in node.inputs:
+            if x is a:
+                res.append(g @ b.mT)
+            else:
+                res.append(_sum_to(a.mT @ g, b.shape))
+        return res
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        a, b, ta, tb, _ = self._ab(node, t_in)
+        g, Rg = g_out[0], Rg_out[0]
+        res = []
+        for x in node.inputs:
+            r = None
+            if x is a:
+                if Rg is not None:
+                    r = Rg @ b.mT
+                if tb is not None and g is not None:
+                    r = g @ tb.mT if r is None else r + g @ tb.mT
+            else:
+                if Rg is not None:
+                    r = a.mT @ Rg
+                if ta is not None and g is not None:
+                    r = ta.mT @ g if r is None else r + ta.mT @ g
+                r = None if r is None else _sum_to(r, b.shape, lead=1)
+            res.append(r)
+        return res
+
+
+class LayerNormRule:
+    """``F.layer_norm`` over the trailing dims: ``y = x̂ γ + β``, ``x̂ = (x − μ)/σ``.
+
+    ``R x̂ = (R x − ⟨R x⟩ − x̂ ⟨x̂ R x⟩)/σ`` (``⟨·⟩`` the mean over the normalised dims),
+    ``g_x = (ĝ − ⟨ĝ⟩ − x̂ ⟨ĝ x̂⟩)/σ`` with ``ĝ = g γ``, and
+    ``R g_x = −(⟨x̂ R x⟩/σ) g_x + (R ĝ − ⟨R ĝ⟩ − R x̂ ⟨ĝ x̂⟩ − x̂ ⟨R ĝ x̂ + ĝ R x̂⟩)/σ``,
+    ``R ĝ = R g γ + g V_γ``.
+    """
+
+    def _parts(self, node):
+        if "parts" not in node.ctx:
+            args, kwargs = node.bound()
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            v = dict(zip(names, args))
+            for n in names[len(args):]:
+                v[n] = kwargs.get(n, 1e-5 if n == "eps" else None)
+            x = v["input"]
+            dims = tuple(range(x.dim() - len(tuple(v["normalized_shape"])), x.dim()))
+            mu = x.mean(dims, keepdim=True)
+            inv = torch.rsqrt(((x - mu) ** 2).mean(dims, keepdim=True) + v["eps"])
+            live = {id(t) for t in node.inputs}
+            which = [n for n in ("input", "weight", "bias") if v[n] is not None and id(v[n]) in live]
+            node.ctx["parts"] = (v, dims, (x - mu) * inv, inv, which)
+        return node.ctx["parts"]
+
+    @staticmethod
+    def _center(t, xhat, dims):
+        """``t − ⟨t⟩ − x̂ ⟨x̂ t⟩`` over the normalised dims (``t`` may carry a leading k)."""
+        kd = tuple(d + t.dim() - xhat.dim() for d in dims)
+        return t - t.mean(kd, keepdim=True) - xhat * (xhat * t).mean(kd, keepdim=True)
+
+    def tangent(self, node, t_in):
+        v, dims, xhat, inv, which = self._parts(node)
+        t = dict(zip(which, t_in))
+        out = None
+        if t.get("input") is not None:
+            rx = self._center(t["input"], xhat, dims) * inv
+            out = rx * v["weight"] if v["weight"] is not None else rx
+        if t.get("weight") is not None:
+            term = xhat * _lift(t["weight"], xhat.dim())
+            out = term if out is None else out + term
+        if t.get("bias") is not None:
+            term = _lift(t["bias"], xhat.dim())
+            out = term if out is None else out + term
+        k = out.shape[0]
+        return [out.expand((k,) + tuple(xhat.shape))]
+
+    def vjp(self, node, g_out):
+        v, dims, xhat, inv, which = self._parts(node)
+        g = g_out[0]
+        lead = tuple(range(xhat.dim() - len(dims)))
+        gh = g * v["weight"] if v["weight"] is not None else g
+        res = {"input": self._center(gh, xhat, dims) * inv,
+               "weight": (g * xhat).sum(lead) if lead else g * xhat, "bias": g.sum(lead) if lead else g}
+        return [res[n] for n in which]
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        v, dims, xhat, inv, which = self._parts(node)
+        t = dict(zip(which, t_in))
+        g, Rg = g_out[0], Rg_out[0]
+        lead = tuple(range(1, xhat.dim() - len(dims) + 1))
+        w = v["weight"]
+        gh = None if g is None else (g * w if w is not None else g)
+        Rgh = None
+        if Rg is not None:
+            Rgh = Rg * w if w is not None else Rg
+        if t.get("weight") is not None and g is not None:
+            term = g * _lift(t["weight"], xhat.dim())
+            Rgh = term if Rgh is None else Rgh + term
+        tx = t.get("input")
+        Rxhat = None if tx is None else self._center(tx, xhat, dims) * inv
+        res = {}
+        if "input" in which:
+            kd = tuple(d + 1 for d in dims)
+            r = None
+            if Rgh is not None:
+                r = self._center(Rgh, xhat, dims) * inv
+            if tx is not None and gh is not None:
+                gx = self._center(gh, xhat, dims) * inv
+                m_gx = (gh * xhat).mean(dims, keepdim=True)
+                term = (-(xhat * tx).mean(kd, keepdim=True) * inv * gx
+                        - (Rxhat * m_gx + xhat * (gh * Rxhat).mean(kd, keepdim=True)) * inv)
+                r = term if r is None else r + term
+            res["input"] = r
+        if "weight" in which:
+            r = None
+            if Rg is not None:
+                r = Rg * xhat
+            if Rxhat is not None and g is not None:
+                r = g * Rxhat if r is None else r + g * Rxhat
+            res["weight"] = None if r is None else (r.sum(lead) if lead else r)
+        if "bias" in which:
+            res["bias"] = None if Rg is None else (Rg.sum(lead) if lead else Rg)
+        return [res[n] for n in which]
+
+
+class Choose:
+    """A fast rule when the call fits it, else the generic torch.func rule (exact)."""
+
+    def __init__(self, fast, generic=None):
+        self.fast, self.generic = fast, generic or FuncRule()
+
+    def _pick(self, node):
+        if "rule" not in node.ctx:
+            node.ctx["rule"] = self.fast if self.fast.fits(node) else self.generic
+        return node.ctx["rule"]
+
+    def tangent(self, node, t_in):
+        return self._pick(node).tangent(node, t_in)
+
+    def vjp(self, node, g_out):
+        return self._pick(node).vjp(node, g_out)
+
+    def rvjp(self, node, g_out, Rg_out, t_in):
+        return self._pick(node).rvjp(node, g_out, Rg_out, t_in)
+
+
 class EmbeddingRule(FuncRule):
     """``F.embedding``: linear in the table; the ``padding_idx`` row is a constant (its gradient is zero),
     so its directions must not flow forward either."""
@@ -344,6 +630,16 @@ class ConvRule:
             [0] * len(c["stride"]), 1, [mask[0], mask[1], False])
         return gx, gw
 
+    @staticmethod
+    def _input_grad(grad, w, c, spatial):
+        """The adjoint of ``conv(·, w)`` as a transposed convolution (reads no input tensor)."""
+        ks = w.shape[2:]
+        pad = [(n - 1) * s - 2 * p + d * (kk - 1) + 1 for n, s, p, d, kk in
+               zip(grad.shape[2:], c["stride"], c["padding"], c["dilation"], ks)]
+        extra = [int(want) - got for want, got in zip(spatial, pad)]
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[w.dim() - 3]
+        return fn(grad, w, None, c["stride"], c["padding"], extra, 1, c["dilation"])
+
     def tangent(self, node, t_in):
         x, w, b, is_live = self._parts(node)
         c = self._conf(node, w)
@@ -382,11 +678,9 @@ class ConvRule:
         gx = gw = gb = None
         if is_live[0]:
             if Rg is not None:
-                gx = self._bwd(Rg.flatten(0, 1), (k * N,) + tuple(x.shape[1:]), w, c, (True, False))[0]
-                gx = gx.unflatten(0, (k, N))
+                gx = self._input_grad(Rg.flatten(0, 1), w, c, x.shape[2:]).unflatten(0, (k, N))
             if tw is not None and g is not None:  # g ⋆ᵀ V_W for all k at once: V_W stacked as [C_out, k·C_in, ...]
-                wk = tw.transpose(0, 1).flatten(1, 2)
-                gv = self._bwd(g, (N, k * C_in) + tuple(x.shape[2:]), wk, c, (True, False))[0]
+                gv = self._input_grad(g, tw.transpose(0, 1).flatten(1, 2), c, x.shape[2:])
                 gv = gv.unflatten(1, (k, C_in)).transpose(0, 1)
                 gx = gv if gx is None else gx + gv
         if is_live[1]:
@@ -526,7 +820,7 @@ class BatchNormRule:
             if Rg is not None:
                 r = (Rg * xhat).sum(red)
             if t.get("input") is not None and g is not None:
-                term = (g * t["input"] * inv).sum(red)
+                term = (g * t["input"]).sum(red) * inv.reshape(1, -1)
                 r = term if r is None else r + term
             res["weight"] = r
         if "bias" in which:
@@ -762,6 +1056,9 @@ _BN, _CE, _DROPOUT, _EMBEDDING = BatchNormRule(), CrossEntropyRule(), DropoutRul
 _AFFINE, _CURVED, _UNKNOWN = FuncRule(affine=True), FuncRule(), FuncRule(warn=True)
 _ONE, _NUM = LinearInOneInput(), LinearInOneInput(numerator_only=True)
 _SDPA, _MHA, _FDROP = SDPARule(), MultiheadAttentionRule(), DropoutCallRule()
+_ADD, _SUB = Choose(AddRule(1.0), _AFFINE), Choose(AddRule(-1.0), _AFFINE)
+_RESHAPE, _PERMUTE, _MATMUL = ReshapeRule(), PermuteRule(), Choose(MatmulRule(), _ONE)
+_LAYER_NORM = LayerNormRule()
 
 
 def rule_for(func, kwargs) -> object:
@@ -791,6 +1088,19 @@ def rule_for(func, kwargs) -> object:
         return _BN
     if name == "embedding":
         return _EMBEDDING
+    if name in ("add", "__add__", "__radd__"):
+        return _ADD
+    if name in ("sub", "__sub__"):
+        return _SUB
+    if name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "view_as",
+                "reshape_as"):
+        return _RESHAPE
+    if name in ("transpose", "permute", "t", "mT", "swapaxes", "swapdims"):
+        return _PERMUTE
+    if name in ("matmul", "__matmul__", "bmm"):
+        return _MATMUL
+    if name == "layer_norm":
+        return _LAYER_NORM
     if name == "cross_entropy":
         return _CE
     if name in _AFFINE_NAMES:
