@@ -404,14 +404,6 @@ class EmbeddingRule(FuncRule):
         return [out[0] * (idx != pad).unsqueeze(-1).to(out[0].dtype)]
 
 
-class DisallowedRule:
-    def __init__(self, message: str):
-        self.message = message
-
-    def decompose(self, *args, **kwargs):
-        raise NotImplementedError(self.message)
-
-
 # ------------------------------------------------------------------ elementwise
 
 
@@ -609,7 +601,8 @@ class ConvRule:
         return dict(stride=tup(vals["stride"]), padding=tup(pad), dilation=tup(vals["dilation"]),
                     groups=int(vals["groups"]))
 
-    def usable(self, node) -> bool:
+    def fits(self, node) -> bool:
+        """``groups=1`` and numeric padding (anything else goes to the generic rule)."""
         x, w, _, _ = self._parts(node)
         conf = self._conf(node, w)
         return conf is not None and conf["groups"] == 1 and x.dim() == w.dim()
@@ -696,27 +689,6 @@ class ConvRule:
         if is_live[2] and Rg is not None:
             gb = Rg.sum([1] + list(range(3, Rg.dim())))
         return [v for v, lv in zip((gx, gw, gb), is_live) if lv]
-
-
-class ConvOrGeneric:
-    """Dispatch to :class:`ConvRule` when the call fits it (groups=1, numeric padding), else torch.func."""
-
-    def __init__(self):
-        self.conv, self.generic = ConvRule(), FuncRule(warn=True)
-
-    def _pick(self, node):
-        if "rule" not in node.ctx:
-            node.ctx["rule"] = self.conv if self.conv.usable(node) else self.generic
-        return node.ctx["rule"]
-
-    def tangent(self, node, t_in):
-        return self._pick(node).tangent(node, t_in)
-
-    def vjp(self, node, g_out):
-        return self._pick(node).vjp(node, g_out)
-
-    def rvjp(self, node, g_out, Rg_out, t_in):
-        return self._pick(node).rvjp(node, g_out, Rg_out, t_in)
 
 
 class BatchNormRule:
@@ -841,9 +813,6 @@ class CrossEntropyRule:
     ``R g = (p ⊙ R z − p ⟨p, R z⟩)/n``, zero on ignored rows.
     """
 
-    def __init__(self):
-        self.generic = FuncRule()
-
     @staticmethod
     def _parts(node):
         args, kwargs = node.bound()
@@ -854,7 +823,7 @@ class CrossEntropyRule:
             vals[n] = kwargs.get(n)
         return vals
 
-    def _fits(self, node) -> bool:
+    def fits(self, node) -> bool:
         v = self._parts(node)
         return (node.live == [0] and v["weight"] is None and v["size_average"] is None and v["reduce"] is None
                 and v.get("reduction") in (None, "mean") and not v["target"].is_floating_point()
@@ -877,19 +846,13 @@ class CrossEntropyRule:
         return node.ctx["g"]
 
     def tangent(self, node, t_in):
-        if not self._fits(node):
-            return self.generic.tangent(node, t_in)
         t = t_in[0].movedim(2, -1)
         return [(self._g(node) * t).sum(tuple(range(1, t.dim())))]
 
     def vjp(self, node, g_out):
-        if not self._fits(node):
-            return self.generic.vjp(node, g_out)
         return [(self._g(node) * g_out[0]).movedim(-1, 1)]
 
     def rvjp(self, node, g_out, Rg_out, t_in):
-        if not self._fits(node):
-            return self.generic.rvjp(node, g_out, Rg_out, t_in)
         out = None
         if Rg_out[0] is not None:  # the loss is a scalar: R g_out is [k]
             g = self._g(node)
@@ -1032,8 +995,8 @@ _AFFINE_NAMES = {
     # sums and linear combinations
     "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "neg", "__neg__", "negative", "sum", "mean",
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "pad", "_setitem", "avg_pool1d", "avg_pool2d",
-    "avg_pool3d",    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "masked_fill", "where", "cumsum", "diff",
-    "trace", "tril", "triu",
+    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "masked_fill", "where",
+    "cumsum", "diff",    "trace", "tril", "triu",
     # piecewise linear
     "relu6", "hardtanh", "leaky_relu", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
     "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "abs",
@@ -1051,14 +1014,15 @@ _KNOWN_NONLINEAR = {"gelu", "silu", "tanh", "sigmoid", "softplus", "exp", "log",
                     "log1p", "expm1", "log2", "log10", "exp2", "atan", "asin", "acos", "sinh", "cosh", "softmin",
                     "cumprod", "prod", "special_erf", "erfc", "xlogy", "rsub", "__rpow__", "atan2", "hypot"}
 
-_RELU, _SOFTMAX, _LINEAR, _CONV = ReluRule(), SoftmaxRule(), LinearRule(), ConvOrGeneric()
-_BN, _CE, _DROPOUT, _EMBEDDING = BatchNormRule(), CrossEntropyRule(), DropoutRule(), EmbeddingRule()
+_RELU, _SOFTMAX, _LINEAR = ReluRule(), SoftmaxRule(), LinearRule()
+_BN, _DROPOUT, _EMBEDDING = BatchNormRule(), DropoutRule(), EmbeddingRule()
 _AFFINE, _CURVED, _UNKNOWN = FuncRule(affine=True), FuncRule(), FuncRule(warn=True)
 _ONE, _NUM = LinearInOneInput(), LinearInOneInput(numerator_only=True)
 _SDPA, _MHA, _FDROP = SDPARule(), MultiheadAttentionRule(), DropoutCallRule()
 _ADD, _SUB = Choose(AddRule(1.0), _AFFINE), Choose(AddRule(-1.0), _AFFINE)
 _RESHAPE, _PERMUTE, _MATMUL = ReshapeRule(), PermuteRule(), Choose(MatmulRule(), _ONE)
 _LAYER_NORM = LayerNormRule()
+_CONV, _CE = Choose(ConvRule(), _UNKNOWN), Choose(CrossEntropyRule(), _CURVED)
 
 
 def rule_for(func, kwargs) -> object:
