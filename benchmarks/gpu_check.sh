@@ -48,6 +48,10 @@ step kernel_tests "$PY" -P -m pytest -q -rs tests/test_build.py tests/test_philo
 step persample_tests "$PY" -P -m pytest -q -rs tests/test_persample.py
 # fused softmax cross-entropy R-operator (Triton on CUDA; its GPU benches run in the benchmarks step)
 step cross_entropy_tests "$PY" -P -m pytest -q -rs tests/test_cross_entropy_kernel.py
+# The R-operator engine on the device: products against the double-backward engine (tests), then
+# model-scale figures (ResNet-18, GPT-2 small: gradient, HVP at k=8, top-20, dropout noise M=64).
+step rop_tests "$PY" -P -m pytest -q -rs tests/test_rop.py -m gpu
+step model_figures "$PY" -P benchmarks/gpu_models.py --device cuda --out "$OUT"
 rm -f "$OUT/bench.json"
 # The kernel suites only (each GPU kernel beside its reference; their CPU rows are seconds):
 # the model-level suites (HVP, Lanczos with peers, noise) take tens of minutes on their own.

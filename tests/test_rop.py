@@ -1007,3 +1007,21 @@ def test_retained_tapes_give_the_same_products(seed):
     assert calls == [], "a retained product ran the model again"
     assert_close64(first, ref, seed, "first retained product")
     assert_close64(second, ref[:, :2], seed, "product on retained tapes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["pools-residual", "bn2d-batch-affine", "encoder-prenorm-gelu", "dropout-fixed"])
+def test_rop_on_cuda_matches_autograd(name, seed):
+    """On the GPU the R-operator engine gives the double-backward engine's products (float64)."""
+    case = make_case(name, seed)
+    model = copy.deepcopy(case.model).to("cuda")
+    loader = [(_cuda(x), _cuda(y)) for x, y in case.loader]
+    rop = make_op(model, loader, case.loss_fn, "rop", **case.kw)
+    ref = make_op(model, loader, case.loss_fn, "autograd", **case.kw)
+    V = vectors(rop.shape[0], 8, seed).to("cuda")
+    assert_close64(rop.matmat(V), ref.matmat(V), seed, f"{name} on CUDA")
+
+
+def _cuda(t):
+    return t.to("cuda") if isinstance(t, torch.Tensor) else t
