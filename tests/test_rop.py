@@ -872,6 +872,7 @@ def test_unsupported_op_falls_back_with_warning(opname, seed, monkeypatch):
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, warning)]
     if opname == "logcumsumexp":  # certainly no rule: the warning must come, once, naming the op
         assert len(fallbacks) == 1 and "logcumsumexp" in fallbacks[0], why(seed, f"fallback warnings: {fallbacks}")
+        assert "(Unusual)" in fallbacks[0], why(seed, f"the warning should name the module: {fallbacks}")
     else:  # erf may gain a rule; while it falls back, the warning names it
         assert len(fallbacks) <= 1 and all("erf" in m for m in fallbacks), why(seed, f"fallback warnings: {fallbacks}")
     assert_close64(got, H @ V, seed, f"{opname} through the fallback")

@@ -145,7 +145,7 @@ class HessianOperator(LinearOperator):
             detached = {id(t): t.detach() for t in leaves}
             plain = {name: detached.get(id(t), t) for name, t in state.items()}
             tape = record([detached[id(t)] for t in leaves],
-                          lambda: self.loss.batch_loss(plain, batch, mask_index), rule_for)
+                          lambda: self.loss.batch_loss(plain, batch, mask_index), rule_for, model=self.loss.model)
             return _Retained(weight, tape, None, [], tape.nbytes())
         saved = [0]
 

@@ -33,6 +33,7 @@ against them without reshaping.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -50,10 +51,11 @@ class RopFallbackWarning(UserWarning):
 _WARNED: set = set()
 
 
-def warn_fallback(name: str) -> None:
+def warn_fallback(name: str, where: Optional[str] = None) -> None:
     if name not in _WARNED:
         _WARNED.add(name)
-        warnings.warn(f"no R-operator rule for {name}: its Hessian products go through torch.func "
+        at = f" (called in {where})" if where else ""
+        warnings.warn(f"no R-operator rule for {name}{at}: its Hessian products go through torch.func "
                       "(exact, but slower); HessianOperator(engine='autograd') avoids the R-operator engine",
                       RopFallbackWarning, stacklevel=4)
 
@@ -61,14 +63,15 @@ def warn_fallback(name: str) -> None:
 class Node:
     """One recorded call: ``outputs = func(*args, **kwargs)`` with some inputs depending on the parameters."""
 
-    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name")
+    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name", "where")
 
-    def __init__(self, func, rule, leaves, spec, live, outputs, name):
+    def __init__(self, func, rule, leaves, spec, live, outputs, name, where=None):
         self.func, self.rule, self.leaves, self.spec = func, rule, leaves, spec
         self.live = live            # indices into leaves of tensors that depend on the parameters
         self.outputs = outputs      # the floating tensors produced (flattened output)
         self.ctx: dict = {}         # a rule's per-node cache (e.g. a dropout mask)
         self.name = name
+        self.where = where          # the innermost module whose forward made the call, for messages
 
     @property
     def inputs(self) -> List[torch.Tensor]:
@@ -220,6 +223,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.tape = tape
         self.rules = rules
+        self.modules: List[str] = []  # the module forwards being run, innermost last
 
     def _is_live(self, x) -> bool:
         return isinstance(x, torch.Tensor) and self.tape.live.get(id(x)) is x
@@ -253,7 +257,8 @@ class _Recorder(TorchFunctionMode):
             return out
         if len(outputs) == 1 and any(outputs[0] is leaves[i] for i in live):
             return out  # returned an input as itself (e.g. x.contiguous() on a contiguous x): nothing new
-        self.tape.nodes.append(Node(func, rule, leaves, spec, live, outputs, func_name(func)))
+        where = self.modules[-1] if self.modules else None
+        self.tape.nodes.append(Node(func, rule, leaves, spec, live, outputs, func_name(func), where))
         for o in outputs:
             self.tape.live[id(o)] = o
         return out
@@ -300,17 +305,21 @@ def _base_name(func) -> str:
     return name
 
 
-def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], rules: Callable) -> Tape:
+def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], rules: Callable,
+           model: Optional[torch.nn.Module] = None) -> Tape:
     """Run ``forward()`` (returning a scalar loss) eagerly and record it on a :class:`Tape`.
 
     ``params`` are the tensors the loss is differentiated with respect to; the
-    forward must use them (not copies). No autograd graph is built.
+    forward must use them (not copies). No autograd graph is built. With
+    ``model``, each recorded call knows which of its submodules made it (for
+    messages), through global module hooks held only while recording.
     """
     tape = Tape(params)
     if any(p.requires_grad for p in tape.params):
         raise ValueError("record() needs tensors that do not require grad (pass p.detach()): it builds no "
                          "autograd graph, and tells the model's own no_grad blocks by the grad mode")
-    with torch.enable_grad(), _Recorder(tape, rules):
+    recorder = _Recorder(tape, rules)
+    with torch.enable_grad(), recorder, _module_stack(model, recorder.modules):
         loss = forward()
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         raise ValueError("the recorded forward must return a scalar loss")
@@ -318,3 +327,28 @@ def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], 
         loss = loss.detach()  # independent of the parameters: zero Hessian
     tape.loss = loss
     return tape
+
+
+@contextlib.contextmanager
+def _module_stack(model: Optional[torch.nn.Module], stack: List[str]):
+    """Keep ``stack`` at the names of the ``model`` submodules whose forward is running."""
+    if model is None:
+        yield
+        return
+    from torch.nn.modules import module as nn_module
+
+    names = {id(m): f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()}
+    def enter(m, args):  # a module outside the model (e.g. inside the loss) inherits its caller's name
+        stack.append(names.get(id(m), stack[-1] if stack else None))
+
+    pre = nn_module.register_module_forward_pre_hook(enter)
+    def leave(m, args, out):  # returns None: a value returned here would replace the module's output
+        if stack:
+            stack.pop()
+
+    post = nn_module.register_module_forward_hook(leave)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()

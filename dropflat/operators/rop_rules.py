@@ -58,7 +58,7 @@ class FuncRule:
 
     def tangent(self, node, t_in):
         if self.warn:
-            warn_fallback(node.name)
+            warn_fallback(node.name, getattr(node, "where", None))
         f, primals = self._fn(node), tuple(node.inputs)
         dims = tuple(None if t is None else 0 for t in t_in)
         return list(vmap(lambda *ts: jvp(f, primals, ts)[1], in_dims=dims)(*_zeros_like_missing(t_in, primals)))
