@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..kernels.dropout import fused_dropout
 from .masks import REGIMES, keep_mask, mask_key
 
-__all__ = ["MaskSource", "NoDropoutError", "no_dropout_message", "replay_dropout"]
+__all__ = ["MaskSource", "NoDropoutError", "math_attention", "no_dropout_message", "replay_dropout"]
 
 _LOCK = threading.Lock()
 
@@ -86,6 +86,29 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
+def math_attention(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                   dropout=None):
+    """``scaled_dot_product_attention`` written out with composite ops: ``softmax(q kᵀ·scale + mask) v``.
+
+    A boolean ``attn_mask`` marks the allowed positions (SDPA's convention); ``dropout``,
+    if given, is applied to the attention weights.
+    """
+    if enable_gqa and key.size(-3) != query.size(-3):
+        rep = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    scores = (query @ key.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(query.size(-1)))
+    if is_causal:
+        L, S = query.size(-2), key.size(-2)
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    return (weights if dropout is None else dropout(weights)) @ value
+
+
 @contextlib.contextmanager
 def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
     """Route the model's dropout through ``source``'s replayable masks for the duration."""
@@ -117,21 +140,9 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
         if dropout_p == 0.0:
             return original["scaled_dot_product_attention"](query, key, value, attn_mask=attn_mask, dropout_p=0.0,
                                                             is_causal=is_causal, scale=scale, **kwargs)
-        if kwargs.get("enable_gqa") and key.size(-3) != query.size(-3):
-            rep = query.size(-3) // key.size(-3)
-            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
         # The math form of attention, so the dropout on its weights can take our mask.
-        scores = (query @ key.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(query.size(-1)))
-        if is_causal:
-            L, S = query.size(-2), key.size(-2)
-            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        elif attn_mask is not None:
-            scores = scores + attn_mask
-        weights = torch.softmax(scores, dim=-1)
-        return dropout(weights, dropout_p) @ value
+        return math_attention(query, key, value, attn_mask, is_causal, scale, kwargs.get("enable_gqa", False),
+                              dropout=lambda w: dropout(w, dropout_p))
 
     def unsupported(name):
         def fn(input, p=0.5, training=False, inplace=False):

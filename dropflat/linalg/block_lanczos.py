@@ -61,7 +61,7 @@ from ..operators import as_operator, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Spectrum
 from .krylov import orthonormalize_against, random_vectors
-from .lanczos import WHICH, _order, _spectrum, _thresholds
+from .lanczos import WHICH, _checked_pairs, _order, _spectrum, _thresholds
 
 __all__ = ["BlockKrylovBasis", "block_lanczos", "default_block_size"]
 
@@ -358,15 +358,8 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: s
 
         if basis.m < k:
             raise RuntimeError(f"the block Krylov space has dimension {basis.m} < k={k}; raise max_iter")
-        order = wanted[np.argsort(-theta[wanted], kind="stable")]  # report in descending order
-        values = torch.tensor(theta[order], dtype=torch.float64)
-        X = basis.vectors(Y[:, order])  # [P, k]
-        X = X / X.norm(dim=0, keepdim=True)
-        AX = op.matmat(X)
-    residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
-    converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
-    final = {"eigenvalues": values, "X": X.detach().cpu(), "residuals": residuals, "converged": converged,
-             "n_matvecs": basis.n_matvecs + k, "n_calls": basis.n_calls + 1}
+        final = _checked_pairs(op, basis, theta, Y, wanted, tol)
+        final["n_calls"] = basis.n_calls + 1
     if ck is not None:
         ck.save(final, complete=True)
     return _finish(final, which, tol, k, eigenvectors, op, began, seed, resumed_from, b)

@@ -145,18 +145,23 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
 
         if basis.m < k:
             raise RuntimeError(f"the Krylov space has dimension {basis.m} < k={k}; raise max_iter")
-        order = wanted[np.argsort(-theta[wanted], kind="stable")]  # report in descending order
-        values = torch.tensor(theta[order], dtype=torch.float64)
-        X = basis.vectors(Y[:, order])  # [P, k]
-        X = X / X.norm(dim=0, keepdim=True)
-        AX = op.matmat(X)
-    residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
-    converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
-    final = {"eigenvalues": values, "X": X.detach().cpu(), "residuals": residuals, "converged": converged,
-             "n_matvecs": basis.n_matvecs + k}
+        final = _checked_pairs(op, basis, theta, Y, wanted, tol)
     if ck is not None:
         ck.save(final, complete=True)
     return _spectrum(final, which, tol, k, eigenvectors, op, began, seed, resumed_from)
+
+
+def _checked_pairs(op, basis, theta: np.ndarray, Y: np.ndarray, wanted: np.ndarray, tol: float) -> dict:
+    """The wanted Ritz pairs in descending order, with explicit residuals ``‖A x − λ x‖`` (one product)."""
+    order = wanted[np.argsort(-theta[wanted], kind="stable")]
+    values = torch.tensor(theta[order], dtype=torch.float64)
+    X = basis.vectors(Y[:, order])  # [P, k]
+    X = X / X.norm(dim=0, keepdim=True)
+    AX = op.matmat(X)
+    residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
+    converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
+    return {"eigenvalues": values, "X": X.detach().cpu(), "residuals": residuals, "converged": converged,
+            "n_matvecs": basis.n_matvecs + len(order)}
 
 
 def _spectrum(final: dict, which: str, tol: float, k: int, eigenvectors: bool, op, began: float, seed: int,

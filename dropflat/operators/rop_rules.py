@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten
 
+from ..dropout.takeover import math_attention
+from ..kernels.dropout import fused_dropout
 from .rop import Node, warn_fallback
 
 __all__ = ["rule_for"]
@@ -407,43 +409,40 @@ class EmbeddingRule(FuncRule):
 # ------------------------------------------------------------------ elementwise
 
 
-class ReluRule:
-    """``relu``: ``R y = 1[y>0] R x``; piecewise linear, so no curvature term."""
+class DiagonalRule:
+    """An op that multiplies its input by a fixed diagonal ``D``: ``R y = D R x``, ``g_x = D g``,
+    ``R g_x = D R g``, no curvature term. ``_diagonal`` says what ``D`` is (computed once per node)."""
 
-    @staticmethod
-    def _mask(node):
-        if "mask" not in node.ctx:
-            node.ctx["mask"] = (node.outputs[0] > 0).to(node.outputs[0].dtype)
-        return node.ctx["mask"]
+    def _diagonal(self, node) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def tangent(self, node, t_in):
-        return [t_in[0] * self._mask(node)]
-
-    def vjp(self, node, g_out):
-        return [g_out[0] * self._mask(node)]
-
-    def rvjp(self, node, g_out, Rg_out, t_in):
-        return [None if Rg_out[0] is None else Rg_out[0] * self._mask(node)]
-
-
-class DropoutRule:
-    """A replayable dropout mask ``D = diag(keep)/(1-q)``: ``R y = D R x``, ``g_x = D g``, linear."""
-
-    @staticmethod
-    def _scale(node):
-        if "scale" not in node.ctx:
-            x = node.inputs[0]
-            node.ctx["scale"] = node.call(torch.ones_like(x))
-        return node.ctx["scale"]
+    def _d(self, node) -> Tensor:
+        if "diagonal" not in node.ctx:
+            node.ctx["diagonal"] = self._diagonal(node)
+        return node.ctx["diagonal"]
 
     def tangent(self, node, t_in):
-        return [t_in[0] * self._scale(node)]
+        return [t_in[0] * self._d(node)]
 
     def vjp(self, node, g_out):
-        return [g_out[0] * self._scale(node)]
+        return [g_out[0] * self._d(node)]
 
     def rvjp(self, node, g_out, Rg_out, t_in):
-        return [None if Rg_out[0] is None else Rg_out[0] * self._scale(node)]
+        return [None if Rg_out[0] is None else Rg_out[0] * self._d(node)]
+
+
+class ReluRule(DiagonalRule):
+    """``relu``: ``D = 1[y > 0]`` (piecewise linear)."""
+
+    def _diagonal(self, node):
+        return (node.outputs[0] > 0).to(node.outputs[0].dtype)
+
+
+class DropoutRule(DiagonalRule):
+    """A replayable dropout mask: ``D = diag(keep)/(1-q)``, read off the same call on ones."""
+
+    def _diagonal(self, node):
+        return node.call(torch.ones_like(node.inputs[0]))
 
 
 class SoftmaxRule:
@@ -876,20 +875,7 @@ class SDPARule:
             raise NotImplementedError(
                 "scaled_dot_product_attention with dropout_p > 0 draws random masks; Hessian products need "
                 "dropout='off' (eval) or replayable masks (dropout='fixed' or 'mean')")
-        if enable_gqa and key.size(-3) != query.size(-3):
-            rep = query.size(-3) // key.size(-3)
-            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
-        s = scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
-        scores = (query @ key.transpose(-2, -1)) * s
-        if is_causal:
-            L, S = query.size(-2), key.size(-2)
-            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        elif attn_mask is not None:
-            scores = scores + attn_mask
-        return torch.softmax(scores, dim=-1) @ value
+        return math_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
 class MultiheadAttentionRule:
@@ -1027,8 +1013,6 @@ _CONV, _CE = Choose(ConvRule(), _UNKNOWN), Choose(CrossEntropyRule(), _CURVED)
 
 def rule_for(func, kwargs) -> object:
     """The rule for a call of ``func`` (by identity for the ops with explicit rules, else by name)."""
-    from ..kernels.dropout import fused_dropout
-
     if func is fused_dropout:
         return _DROPOUT
     if func is F.scaled_dot_product_attention or getattr(func, "__name__", "") == "scaled_dot_product_attention":
