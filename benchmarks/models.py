@@ -108,6 +108,37 @@ class ResNet20(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1 reduce, 3x3, 1x1 expand (x4), BatchNorm after each, projection shortcut."""
+
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        c_out = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet50(num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    """ResNet-50 (He et al. 2016; torchvision's layout, 25.6M parameters at 1000 classes), eval mode."""
+    torch.manual_seed(seed)
+    layers, c_in = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                    nn.MaxPool2d(3, stride=2, padding=1)], 64
+    for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for j in range(blocks):
+            layers.append(Bottleneck(c_in, width, stride=2 if (i > 0 and j == 0) else 1))
+            c_in = 4 * width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers).eval()
+
+
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, loader: Loader) -> nn.Module:
     """Set BatchNorm running statistics from ``loader`` (cumulative average), then switch to eval mode.

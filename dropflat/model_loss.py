@@ -7,6 +7,8 @@ what to compute per batch.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,11 +19,14 @@ from torch.func import functional_call
 from .data import Batch, call_model, iterate_batches
 from .distributed import all_reduce_, resolve_distributed
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
+from .heap import cpu_heap
 from .model_state import check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
 
-__all__ = ["ModelLoss", "flat_grads"]
+__all__ = ["AUTOCAST_DTYPES", "ModelLoss", "check_autocast", "flat_grads"]
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class ModelLoss:
@@ -39,6 +44,12 @@ class ModelLoss:
     how to combine their sums (``evaluate(..., sums=...)``) are sharded: the
     loss, its gradient, the per-mask gradients and Hessian products. Results
     do not depend on the number of ranks (masks follow the global sample index).
+
+    ``autocast``: ``None`` (default), ``torch.bfloat16`` or ``torch.float16``: every
+    batch's forward and loss run under ``torch.autocast(device.type, dtype=autocast)``
+    while the parameters stay in ``dtype`` (float32), so gradients and sums are
+    float32 (autograd casts each gradient back to its leaf's dtype; torch keeps
+    losses and softmax-cross-entropy in float32). See :func:`check_autocast`.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
@@ -46,7 +57,7 @@ class ModelLoss:
                  num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
                  mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
-                 distributed: Optional[bool] = None):
+                 distributed: Optional[bool] = None, autocast: Optional[torch.dtype] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loader is None:
@@ -63,6 +74,7 @@ class ModelLoss:
         self.dtype = dtype if dtype is not None else first.dtype
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
+        self.autocast = check_autocast(autocast, self.device, self.dtype)
         self.batch_fn = batch_fn
         self.progress = progress
         self.num_params = sum(p.numel() for _, p in self.named_params)
@@ -118,18 +130,30 @@ class ModelLoss:
         it = iterate_batches(self.loader, self.batch_fn, self.num_batches, self.device, self.dtype, shard=shard)
         return progress_bar(it, enabled=self.progress, desc=desc, unit="batch")
 
+    def autocast_context(self):
+        """``torch.autocast`` in this object's ``autocast`` dtype on its device (a no-op context when ``None``)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def batch_loss(self, state: dict, batch: Batch, mask_index: Optional[int] = None) -> torch.Tensor:
-        """The loss function's value on one batch (under one dropout mask), checked to be a finite scalar."""
+        """The loss function's value on one batch (under one dropout mask), checked to be a finite scalar.
+
+        The forward and the loss run under :meth:`autocast_context`; a backward
+        taken afterwards runs outside it, in the dtypes autocast chose per op (as
+        torch recommends), and casts the gradients back to the leaves' dtype.
+        """
         forward = lambda *a, **k: functional_call(self.model, state, a, k)  # noqa: E731
-        if mask_index is None:
-            out = call_model(forward, batch.inputs)
-        else:
-            source = MaskSource(self.mask_seed, mask_index, self.masks, batch.offset, batch.size)
-            with replay_dropout(source):
+        with self.autocast_context():
+            if mask_index is None:
                 out = call_model(forward, batch.inputs)
-            if source.sites == 0:
-                raise NoDropoutError(no_dropout_message(self.model))
-        loss = self.loss_fn(out, batch.targets)
+            else:
+                source = MaskSource(self.mask_seed, mask_index, self.masks, batch.offset, batch.size)
+                with replay_dropout(source):
+                    out = call_model(forward, batch.inputs)
+                if source.sites == 0:
+                    raise NoDropoutError(no_dropout_message(self.model))
+            loss = self.loss_fn(out, batch.targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -155,7 +179,7 @@ class ModelLoss:
         """
         shard = self.shard() if sums is not None else None
         total, error = 0, None
-        with preserved(self.model), _twice_differentiable_attention():
+        with preserved(self.model), _twice_differentiable_attention(), cpu_heap(self.device.type == "cpu"):
             set_modes(self.model, self.dropout, self.batchnorm)
             leaves, state = self._state()
             try:
@@ -219,6 +243,39 @@ class ModelLoss:
                 G[:, j].add_(flat_grads(grads, leaves), alpha=batch.size)
 
         return G.div_(self.evaluate(step, "dropout gradients", sums=(G,)))
+
+
+def check_autocast(autocast: Optional[torch.dtype], device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """``autocast`` validated for a computation in ``dtype`` on ``device``; a clear error for what cannot run.
+
+    Autocast lowers float32 ops only (float64 tensors pass through it untouched),
+    so it needs float32 parameters and vectors, and a dtype torch's autocast
+    supports on the device (it would otherwise warn and silently run unlowered).
+    """
+    if autocast is None:
+        return None
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if dtype != torch.float32:
+        raise ValueError(
+            f"autocast={autocast} computes from float32 parameters and vectors, but the dtype is {dtype}: "
+            "pass dtype=torch.float32 (autocast leaves float64 ops unlowered), or autocast=None")
+    problem = None
+    if not torch.amp.is_autocast_available(device.type):
+        problem = "torch has no autocast for this device type"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with torch.autocast(device.type, dtype=autocast):
+                    if not torch.is_autocast_enabled(device.type):
+                        problem = "; ".join(str(w.message) for w in caught) or "torch disabled autocast"
+            except RuntimeError as e:  # e.g. bfloat16 on a CUDA device without it
+                problem = str(e)
+    if problem is not None:
+        raise ValueError(f"autocast={autocast} is not supported on {device}: {problem.strip()}; "
+                         "use autocast=None, or the other autocast dtype")
+    return autocast
 
 
 def _twice_differentiable_attention():

@@ -7,6 +7,13 @@ one all-reduce), so products differ by a few ulps (~1e-16 relative); Lanczos,
 Hutch++ and the Gram eigenvalues are well conditioned on these small operators,
 so 1e-10 relative is ample headroom yet far below any wrong weighting, missed
 batch or shifted mask (those change results at the 1e-2 level).
+
+Sharded Krylov vectors (``shard_vectors=True``: each rank stores its rows) only
+reorder inner-product sums the same way (measured: 1e-15 on eigenvalues, 3e-14 on
+eigenvectors, whose rounding is amplified by ``1/gap``); they are compared at 1e-6
+relative, and a bfloat16 basis of a float32 operator (whose roundings may flip on
+such differences; measured 1e-7 on eigenvalues, 8e-7 on eigenvectors) too, its
+eigenvectors at 1e-5.
 """
 from __future__ import annotations
 
@@ -19,11 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_checkpoint import Flaky, Interrupted, sym_matrix
 
 import dropflat
 from dropflat.data import iterate_batches
-from dropflat.distributed import owns, resolve_distributed
+from dropflat.distributed import is_distributed, owns, resolve_distributed, row_block
+from dropflat.linalg.storage import BasisStore, basis_layout
 from dropflat.model_loss import ModelLoss
+from dropflat.operators import DenseOperator
 
 from families import assert_untouched, mlp, snapshot
 
@@ -58,6 +68,10 @@ def compute(seed):
     with H.retained():  # first product fills the cache, the second runs on this rank's graphs only
         out["HV_retained_1"], out["HV_retained_2"] = H @ V, H @ V
     out["lanczos"] = dropflat.lanczos(model, loader, k=3).eigenvalues
+    # Krylov vectors sharded over the ranks when there are ranks (the same call without a group is the reference).
+    out["lanczos_sharded"] = dropflat.lanczos(model, loader, k=3, shard_vectors=is_distributed()).eigenvalues
+    out["density_sharded"] = dropflat.spectral_density(model, loader, num_runs=2, num_steps=8, seed=seed,
+                                                       shard_vectors=is_distributed()).nodes
     out["trace"] = torch.tensor(float(dropflat.hessian_trace(model, loader, num_matvecs=12)), dtype=torch.float64)
     out["noise"] = dropflat.dropout_noise(model, loader, num_masks=8).eigenvalues
     out["noise_shared"] = dropflat.dropout_noise(model, loader, num_masks=8, masks="shared").eigenvalues
@@ -137,6 +151,18 @@ def test_world_size_one_is_the_single_process_path(tmp_path, fresh_seed):
         dist.destroy_process_group()
 
 
+def test_shard_vectors_in_a_group_of_one_stores_every_row(tmp_path, fresh_seed):
+    A = sym_matrix(40, fresh_seed)
+    plain = dropflat.lanczos(A, k=3, seed=fresh_seed, eigenvectors=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        one = dropflat.lanczos(A, k=3, seed=fresh_seed, eigenvectors=True, shard_vectors=True)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(one.eigenvalues, plain.eigenvalues) and torch.equal(one.eigenvectors, plain.eigenvectors)
+    assert one.manifest["basis"]["rows"] == [0, 40] and one.manifest["basis"]["ranks"] == 1
+
+
 def test_shard_rule_keeps_global_offsets():
     loader = [(torch.zeros(n, 1), torch.zeros(n)) for n in SIZES]
     full = [(b.index, b.offset, b.size) for b in iterate_batches(loader)]
@@ -186,6 +212,105 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, fresh_seed):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ref, *_ = compute(fresh_seed)
-    for key in ("HV_off", "HV_fixed", "lanczos", "trace", "noise", "noise_shared"):
+    for key in ("HV_off", "HV_fixed", "lanczos", "trace", "noise", "noise_shared", "lanczos_sharded",
+                "density_sharded"):
         for r, got in enumerate(ranks):
             assert _close(got[key], ref[key]), f"rank {r}: {key} differs from the single-process run"
+
+
+P_DENSE = 101  # odd: rank 0 of 2 holds 51 rows, rank 1 holds 50
+
+
+def dense_case(seed, shard):
+    """Lanczos (float64 with restarts; bfloat16 basis) and SLQ on a dense matrix, with Krylov vectors sharded or not."""
+    A = sym_matrix(P_DENSE, seed)
+    out = {}
+    spec = dropflat.lanczos(A, k=4, ncv=10, tol=1e-10, max_iter=500, seed=seed, eigenvectors=True,
+                            shard_vectors=shard)
+    out.update(values=spec.eigenvalues, vectors=spec.eigenvectors, residuals=spec.residuals,
+               n_matvecs=torch.tensor(spec.n_matvecs), rows=torch.tensor(spec.manifest["basis"]["rows"]),
+               bytes=torch.tensor(spec.manifest["basis"]["bytes"]))
+    low = dropflat.lanczos(A.float(), k=3, ncv=10, tol=1e-2, seed=seed, basis_dtype=torch.bfloat16,
+                           eigenvectors=True, shard_vectors=shard)
+    out.update(bf16_values=low.eigenvalues, bf16_vectors=low.eigenvectors.double())
+    d = dropflat.spectral_density(A, num_runs=2, num_steps=20, seed=seed, grid_size=50, shard_vectors=shard)
+    out.update(nodes=d.nodes, weights=d.weights)
+    return out
+
+
+def _sharded_worker(rank, world, init_file, out_dir, seed):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        out = {f"sharded_{k}": v for k, v in dense_case(seed, True).items()}
+        out.update({f"replicated_{k}": v for k, v in dense_case(seed, False).items()})
+        # The store itself: this rank's rows of every vector, nothing more.
+        A = sym_matrix(P_DENSE, seed)
+        store = BasisStore(basis_layout(DenseOperator(A), 11, shard=True))
+        out["store_shape"] = torch.tensor(store.V.shape)
+        # Kill-and-resume with sharded vectors: every rank dies at the same product and resumes from its own file.
+        path = os.path.join(out_dir, "ck.pt")
+        kw = dict(k=4, ncv=10, tol=1e-10, max_iter=500, seed=seed, eigenvectors=True, shard_vectors=True,
+                  checkpoint=path, checkpoint_every=3)
+        for limit in (11, 9):
+            try:
+                dropflat.lanczos(Flaky(A, limit), **kw)
+                raise AssertionError("the operator did not interrupt the run")
+            except Interrupted:
+                pass
+        resumed = dropflat.lanczos(Flaky(A), **kw)
+        out.update(resumed_values=resumed.eigenvalues, resumed_vectors=resumed.eigenvectors,
+                   resumed_from=torch.tensor(resumed.manifest["resumed_from"]),
+                   own_file=torch.tensor(os.path.exists(f"{path}.rank{rank}")))
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
+    ctx = mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path), fresh_seed), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish in 120 s (a collective hangs?)")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ref = dense_case(fresh_seed, False)
+    # Independent reference for the float64 run: dense eigenvalues (tol 1e-10, |λ| <= 10).
+    exact = torch.linalg.eigvalsh(sym_matrix(P_DENSE, fresh_seed)).flip(0)[:4]
+    assert torch.allclose(ref["values"], exact, rtol=1e-9)
+
+    def close(a, b, rtol=1e-6):
+        return torch.allclose(a.double(), b.double(), rtol=rtol, atol=rtol * float(b.abs().max()))
+
+    def aligned(X, ref_X):  # an eigenvector's sign is arbitrary (eigh of T may flip it on an ulp's difference)
+        return X * torch.sign((X * ref_X).sum(dim=1, keepdim=True))
+
+    blocks = [row_block(P_DENSE, r, 2) for r in range(2)]
+    assert blocks == [(0, 51), (51, 101)]
+    for r, got in enumerate(ranks):
+        for mode in ("sharded", "replicated"):
+            for key in ("values", "vectors", "bf16_values", "nodes", "weights"):
+                value = aligned(got[f"{mode}_{key}"], ref[key]) if key == "vectors" else got[f"{mode}_{key}"]
+                assert close(value, ref[key]), f"rank {r}: {mode} {key} differs"
+            # bfloat16 basis of a float32 operator: a stored entry whose rounding flips on an ulp's difference
+            # moves by u = 4e-3 of itself; measured up to 8e-7 of the largest entry.
+            assert close(aligned(got[f"{mode}_bf16_vectors"], ref["bf16_vectors"]), ref["bf16_vectors"], rtol=1e-5)
+            # The float64 residuals (1e-14..1e-10) are near rounding level: equal to what rounding allows.
+            assert torch.allclose(got[f"{mode}_residuals"], ref["residuals"], rtol=1e-6, atol=1e-12)
+            assert int(got[f"{mode}_n_matvecs"]) == int(ref["n_matvecs"])
+        # Each rank's basis holds its own rows only (11 vectors of them), and the manifest says which.
+        lo, hi = blocks[r]
+        assert tuple(got["store_shape"].tolist()) == (hi - lo, 11)
+        assert got["sharded_rows"].tolist() == [lo, hi] and got["replicated_rows"].tolist() == [0, P_DENSE]
+        assert int(got["sharded_bytes"]) == (hi - lo) * 11 * 8 and int(got["replicated_bytes"]) == P_DENSE * 11 * 8
+        # Resumed from this rank's own checkpoint file: bit for bit the uninterrupted sharded run.
+        assert bool(got["own_file"]) and int(got["resumed_from"]) > 0
+        assert torch.equal(got["resumed_values"], got["sharded_values"])
+        assert torch.equal(got["resumed_vectors"], got["sharded_vectors"])
+    for key in ranks[0]:  # replicated results, bit for bit, on every rank
+        if key not in ("store_shape", "sharded_rows", "sharded_bytes"):
+            assert torch.equal(ranks[0][key], ranks[1][key]), key

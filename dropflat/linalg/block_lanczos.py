@@ -62,6 +62,7 @@ from ..progress import progress_bar, resolve_progress
 from ..results import Spectrum
 from .krylov import orthonormalize_against, random_vectors
 from .lanczos import WHICH, _checked_pairs, _order, _spectrum, _thresholds
+from .storage import BasisLayout, check_basis_memory
 
 __all__ = ["BlockKrylovBasis", "block_lanczos", "default_block_size"]
 
@@ -263,7 +264,8 @@ class BlockKrylovBasis:
 def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: str = "largest", tol: float = 1e-3,
                   max_iter: Optional[int] = None, ncv: Optional[int] = None, eigenvectors: bool = False,
                   seed: int = 0, progress: Optional[bool] = None, reuse: bool = True, checkpoint=None,
-                  checkpoint_every: int = 10, began: Optional[float] = None) -> Spectrum:
+                  checkpoint_every: int = 10, began: Optional[float] = None,
+                  basis_memory: Optional[int] = None) -> Spectrum:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
     Same contract as :func:`dropflat.lanczos` (which may call this for a model's
@@ -292,6 +294,9 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: s
         ``checkpoint_every`` operator *calls* (blocks), and the same call rerun with
         the same path resumes bit-identically; see :func:`dropflat.lanczos`.
     began: ``time.perf_counter()`` at the caller's start, for the manifest's wall time.
+    basis_memory: a cap in bytes on the basis and its work blocks; with or without it, a
+        :class:`MemoryError` is raised before allocating a basis that cannot fit (see
+        :func:`dropflat.lanczos`, whose other basis storage options need ``method="single"``).
 
     The final residuals are computed explicitly, ``‖A v - λ v‖`` (one more block
     product of ``k`` vectors), so ``converged`` is checked, not assumed. The
@@ -328,6 +333,13 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: s
         final = saved["state"]
         return _finish(final, which, tol, k, eigenvectors, op, began, seed, final["n_matvecs"], b)
 
+    # Ritz pairs kept over a restart: the k wanted and half the rest of the basis (the next unwanted
+    # ones, deflated, speed the wanted ones up), leaving room for at least one block.
+    keep = max(k, min(ncv - b, k + (ncv - k) // 2))
+    # Work vectors: a block, its product and its remainder, the kept Ritz vectors of a restart, the final pairs.
+    device = torch.device(op.device)
+    check_basis_memory(BasisLayout(P=P, ncols=min(ncv, P) + b, dtype=op.dtype, device=device, work_dtype=op.dtype,
+                                   work_device=device), work_vectors=3 * b + keep + 2 * k, basis_memory=basis_memory)
     start = random_vectors((P, b), seed, op.dtype, op.device)
     basis = BlockKrylovBasis(op, ncv, b, start, seed=seed)
     if saved is not None:
@@ -335,9 +347,6 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: s
         resumed_from = basis.n_matvecs
     bar = progress_bar(total=max_iter, enabled=resolve_progress(progress), desc=f"block lanczos top-{k} (b={b})",
                        unit="matvec", initial=resumed_from)
-    # Ritz pairs kept over a restart: the k wanted and half the rest of the basis (the next unwanted
-    # ones, deflated, speed the wanted ones up), leaving room for at least one block.
-    keep = max(k, min(ncv - b, k + (ncv - k) // 2))
     with bar, reuse_passes(op, reuse):
         while True:
             before = basis.n_matvecs

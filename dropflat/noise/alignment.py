@@ -32,6 +32,7 @@ import torch
 
 from ..linalg import lanczos
 from ..linalg.stochastic import trace_and_frobenius
+from ..memory import check_budget, check_fits, fit_chunk
 from ..operators import as_operator, reuse_passes
 from ..results import Estimate, Result, Spectrum
 
@@ -86,9 +87,42 @@ def loglog_slope(x: np.ndarray, y: np.ndarray, *, bootstrap: int = 1000, seed: i
     return slope, (float(lo), float(hi))
 
 
+def _trace_hc(H, A: torch.Tensor, chunk: int, stream: bool) -> float:
+    """``tr(HC) = Σ_s a_sᵀ H a_s`` over the columns of ``A``, ``chunk`` products per pass.
+
+    ``stream``: each chunk's products are reduced at once (one chunk held);
+    otherwise all are kept and reduced as one block, in the summation order the
+    default path has always used.
+    """
+    spans = range(0, A.shape[1], chunk)
+    if not stream:
+        HA = torch.cat([H.matmat(A[:, i:i + chunk]) for i in spans], dim=1)
+        return float((A.double() * HA.double()).sum())
+    return math.fsum(float((A[:, i:i + chunk].double() * H.matmat(A[:, i:i + chunk]).double()).sum()) for i in spans)
+
+
+def _chunk_for(H, factor: torch.Tensor, chunk: int, max_memory: Optional[int]) -> int:
+    """Noise samples per product pass within ``max_memory``: the factor's copy in ``H``'s dtype and device
+    (when it differs) is held; each sample of a chunk adds its product and three float64 columns
+    (the sample, its product, their elementwise product)."""
+    P, r = factor.shape
+    itemsize = torch.empty((), dtype=H.dtype).element_size()
+    copy = factor.dtype != H.dtype or factor.device != torch.device(H.device)
+    held = P * r * itemsize if copy else 0
+    what = f"the products of the Hessian with the {r} noise samples [P={P:,}, {r}]"
+    fixes = "use a smaller chunk, fewer noise samples (num_masks), or raise max_memory"
+    per_sample = P * (itemsize + 3 * 8)
+    if max_memory is None:  # all products kept, as always: only refuse what the device cannot hold
+        check_fits(what, held + r * per_sample, None, fixes=fixes, device=H.device)
+        return chunk
+    return fit_chunk(what, per_item=per_sample, fixed=held, max_memory=max_memory, limit=chunk, fixes=fixes,
+                     device=H.device)
+
+
 def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 90, tol: float = 1e-3,
               chunk: int = 16, bootstrap: int = 1000, progress: Optional[bool] = None,
-              spectrum: Optional[Spectrum] = None, norms: Optional[Tuple[Estimate, Estimate]] = None) -> Alignment:
+              spectrum: Optional[Spectrum] = None, norms: Optional[Tuple[Estimate, Estimate]] = None,
+              max_memory: Optional[int] = None) -> Alignment:
     """Align a Hessian (any symmetric operator) with a noise covariance (a ``NoiseCovariance``).
 
     ``k`` top Hessian eigenpairs come from :func:`~dropflat.lanczos` (``tol``);
@@ -97,7 +131,13 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
     Pass ``spectrum`` (a :class:`~dropflat.Spectrum` with eigenvectors, at least ``k``
     pairs) and ``norms`` (``(trace, frobenius)`` from
     :func:`~dropflat.linalg.trace_and_frobenius`) to reuse products already paid for.
+
+    ``max_memory``: bytes the products with the noise samples may take (``chunk`` is cut
+    to fit, each chunk reduced at once), also passed to
+    :func:`~dropflat.linalg.trace_and_frobenius` for its probe blocks; the Hessian's own
+    working set is its operator's (``HessianOperator(max_memory=...)``).
     """
+    max_memory = check_budget(max_memory)
     H = as_operator(hessian)
     if not hasattr(noise, "factor"):
         raise TypeError("noise must be a NoiseCovariance (from dropflat.dropout_noise or dropflat.sgd_noise); "
@@ -109,12 +149,13 @@ def alignment(hessian, noise, *, k: int = 20, seed: int = 0, num_matvecs: int = 
     if spectrum is not None and (spectrum.eigenvectors is None or len(spectrum.eigenvalues) < k):
         raise ValueError(f"spectrum must hold at least k={k} eigenpairs with eigenvectors "
                          "(lanczos(..., eigenvectors=True))")
-    A = noise.factor.to(device=H.device, dtype=H.dtype)
+    A = noise.factor
+    chunk = _chunk_for(H, A, chunk, max_memory)
+    A = A.to(device=H.device, dtype=H.dtype)
     with reuse_passes(H):
-        HA = torch.cat([H.matmat(A[:, i:i + chunk]) for i in range(0, A.shape[1], chunk)], dim=1)
-        trace_hc = float((A.double() * HA.double()).sum())
+        trace_hc = _trace_hc(H, A, chunk, stream=max_memory is not None)
         h_tr, h_fro = norms if norms is not None else trace_and_frobenius(
-            H, num_matvecs=num_matvecs, seed=seed, progress=progress)
+            H, num_matvecs=num_matvecs, seed=seed, progress=progress, max_memory=max_memory)
         spec = spectrum if spectrum is not None else lanczos(H, k=k, tol=tol, eigenvectors=True, seed=seed,
                                                              progress=progress)
         spec_values, spec_vectors = spec.eigenvalues[:k], spec.eigenvectors[:k]

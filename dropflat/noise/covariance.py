@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import model_digest, open_checkpoint
+from ..memory import check_budget, check_fits, fit_chunk
 from ..model_loss import ModelLoss
 from ..operators.base import LinearOperator
 from ..params import ParamSpec
@@ -57,12 +58,16 @@ class NoiseCovariance(LinearOperator):
     gradients (masks or data samples) were used. ``factor`` is ``A`` when stored;
     when pass-based (and ``w ≥ 0``) it is materialised on first use as
     ``U Λ^{1/2}`` (``[P, rank]``, same ``C``).
+
+    ``max_memory``: bytes this object may hold (its stored factor, eigenvectors and
+    materialised factor, ``P x rank`` each); materialising one that would not fit
+    raises :class:`MemoryError` first. ``None``: only what the device cannot hold is refused.
     """
 
     def __init__(self, factor: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None, *,
                  kind: str = "", num_samples: Optional[int] = None, info: Optional[dict] = None,
                  per_sample=None, coefficients: Optional[torch.Tensor] = None,
-                 weights: Optional[torch.Tensor] = None):
+                 weights: Optional[torch.Tensor] = None, max_memory: Optional[int] = None):
         if (factor is None) == (per_sample is None):
             raise ValueError("pass either a stored factor [P, r] or per_sample=PerSampleGradients with coefficients")
         if factor is not None:
@@ -87,8 +92,10 @@ class NoiseCovariance(LinearOperator):
         self.num_samples = num_samples if num_samples is not None else r
         self.info = info or {}
         self.shape = (P, P)
+        self.max_memory = check_budget(max_memory)
         self._eig = None
         self._zgram = None
+        self._factor_cache: Optional[torch.Tensor] = None
 
     # --- the factor Z: Gram, Zᵀ V, Z c ---
 
@@ -124,6 +131,19 @@ class NoiseCovariance(LinearOperator):
             self._zgram = out
         return self._zgram
 
+    def nbytes(self) -> int:
+        """Bytes of the ``[P, ·]`` blocks this object holds (stored factor, eigenvectors, materialised factor)."""
+        held = [self._factor, self._factor_cache, None if self._eig is None else self._eig[1]]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def _reserve(self, what: str, columns: int) -> None:
+        """Refuse, before it is made, a ``[P, columns]`` block that would not fit beside what is held."""
+        need = self.shape[0] * columns * torch.empty((), dtype=self.dtype).element_size()
+        check_fits(f"{what} [P={self.shape[0]:,}, {columns}] ({self.dtype}) of the {self.kind or 'noise'} covariance "
+                   f"beside the {self.nbytes():,} bytes it holds", self.nbytes() + need, self.max_memory,
+                   fixes="use fewer samples or masks, device='cpu' (host memory), or raise max_memory",
+                   device=self.device)
+
     def _eigh(self):
         if self._eig is None:
             K = self.gram()
@@ -133,6 +153,7 @@ class NoiseCovariance(LinearOperator):
             rank_tol = vals[0] * max(self.shape[0], K.shape[0]) * torch.finfo(self.dtype).eps if vals.numel() else 0.0
             keep = vals > rank_tol
             vals, W = vals[keep], W[:, keep]
+            self._reserve("the eigenvectors", int(vals.numel()))
             coef = W / vals.sqrt()                        # Z coef has orthonormal columns
             if self.weights is not None:
                 # C = (Z coef) S (Z coef)ᵀ with S = Λ^{1/2} Wᵀ diag(w) W Λ^{1/2}; diagonalise S.
@@ -156,8 +177,8 @@ class NoiseCovariance(LinearOperator):
             if (vals < 0).any():
                 raise ValueError("this covariance estimate has negative eigenvalues (a bias-corrected difference), "
                                  "so it has no real factor A with C = A Aᵀ")
-            self._factor_cache = getattr(self, "_factor_cache", None)
             if self._factor_cache is None:
+                self._reserve("the materialised factor U Λ^1/2", int(vals.numel()))
                 self._factor_cache = vecs.T * vals.sqrt().to(device=vecs.device, dtype=vecs.dtype)
             return self._factor_cache
         return self._factor
@@ -203,7 +224,8 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
                   num_masks: int = 64, masks: str = "per_sample", seed: int = 0, params: ParamSpec = None,
                   batchnorm: str = "eval", num_batches: Optional[int] = None, device=None,
                   dtype: Optional[torch.dtype] = None, batch_fn: Optional[Callable] = None,
-                  progress: bool = False, checkpoint=None, checkpoint_every: int = 16) -> NoiseCovariance:
+                  progress: bool = False, checkpoint=None, checkpoint_every: int = 16,
+                  max_memory: Optional[int] = None) -> NoiseCovariance:
     """The covariance over dropout masks of the data-set mean gradient, at the model's parameters.
 
     ``num_masks`` replayable masks (``seed``; regime ``masks``: ``"per_sample"``,
@@ -218,41 +240,73 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     covariance (each column is the same computation, chunked or not); a finished
     run leaves the file complete, so a rerun makes no pass. A checkpoint from
     another call (model parameters, ``num_masks``, ``masks``, ``seed``, ...) is refused.
+
+    ``max_memory``: bytes the gradients may take on ``device``: the factor
+    ``[P, num_masks]``, one mask's gradient (twice: per parameter and flat) and,
+    when checkpointing, a chunk of masks (and, on a CPU, the saved columns' copy);
+    the chunk of masks per data pass is cut below ``checkpoint_every`` to fit.
+    A factor that cannot fit raises :class:`MemoryError` before any pass; the
+    forward graph of a batch is not counted (smaller batches shrink it).
+    ``None``: only a factor the device cannot hold is refused.
     """
     began = time.perf_counter()
     if num_masks < 2:
         raise ValueError(f"num_masks must be >= 2 to estimate a covariance, got {num_masks}")
+    max_memory = check_budget(max_memory)
     ml = ModelLoss(model, loader, loss_fn, params=params, dropout="fixed", batchnorm=batchnorm,
                    num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn, progress=progress,
                    mask_seed=seed, masks=masks)
-    G, n, resumed_from = _mask_gradients_resumable(ml, model, num_masks, checkpoint, checkpoint_every)
+    G, n, resumed_from, chunk = _mask_gradients_resumable(ml, model, num_masks, checkpoint, checkpoint_every,
+                                                          max_memory)
     factor, mean = _center(G, ddof=1)
     manifest = run_manifest(device=ml.device, dtype=ml.dtype, seed=seed, wall_time=time.perf_counter() - began,
-                            n_matvecs=None, gradient_passes=num_masks, resumed_from=resumed_from)
-    return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks,
+                            n_matvecs=None, gradient_passes=num_masks, resumed_from=resumed_from,
+                            max_memory=max_memory, masks_per_pass=chunk)
+    return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks, max_memory=max_memory,
                            info={"masks": masks, "seed": seed, "num_data": n, "manifest": manifest})
 
 
-def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, checkpoint, every: int):
-    """``(G [P, num_masks], num_data, masks already done)``, chunked and checkpointed when ``checkpoint`` is set."""
+def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, checkpoint, every: int,
+                              max_memory: Optional[int] = None):
+    """``(G [P, num_masks], num_data, masks already done, masks per pass)``.
+
+    One pass for all masks without ``checkpoint``; with it, chunks of at most
+    ``every`` masks per pass (fewer when ``max_memory`` requires), written into one
+    preallocated factor, the columns done so far saved after each chunk. Every
+    column is the same computation either way, so the results are bit-identical.
+    """
+    column = ml.num_params * torch.empty((), dtype=ml.dtype).element_size()
+    what = (f"the dropout-noise gradient factor [P={ml.num_params:,}, num_masks={num_masks}] ({ml.dtype}) "
+            "with one mask's gradient")
+    fixes = ("use fewer masks (num_masks), fewer parameters (params=...), device='cpu' (host memory), "
+             "or raise max_memory")
+    held = column * (num_masks + 2)  # the factor, one mask's per-parameter gradients and their flat copy
     if checkpoint is None:
-        G = ml.mask_gradients(range(num_masks))
-        return G, ml.num_samples, 0
+        check_fits(what, held, max_memory, fixes=fixes, device=ml.device)
+        return ml.mask_gradients(range(num_masks)), ml.num_samples, 0, num_masks
+    if ml.device.type == "cpu":
+        held += column * num_masks  # the saved columns are a copy in the same memory
+    chunk = fit_chunk(what + ", when checkpointing, a chunk of masks", per_item=column, fixed=held,
+                      max_memory=max_memory, limit=every, fixes=fixes, device=ml.device)
     ck = open_checkpoint(checkpoint, "dropout_noise", every, model=model_digest(model), num_masks=num_masks,
                          masks=ml.masks, seed=ml.mask_seed, params=[name for name, _ in ml.named_params],
                          batchnorm=ml.batchnorm, num_batches=ml.num_batches, device=ml.device, dtype=ml.dtype,
                          loss_fn=ml.loss_fn)
+    G = torch.empty(ml.num_params, num_masks, dtype=ml.dtype, device=ml.device)
     saved = ck.load(map_location=ml.device)
-    chunks, n = [], None
+    done, n = 0, None
     if saved is not None:
-        chunks, n = [saved["state"]["columns"]], saved["state"]["num_data"]
-    resumed_from = done = chunks[0].shape[1] if chunks else 0
+        done, n = saved["state"]["columns"].shape[1], saved["state"]["num_data"]
+        G[:, :done] = saved["state"]["columns"]
+        del saved
+    resumed_from = done
     while done < num_masks:
-        chunks.append(ml.mask_gradients(range(done, min(done + every, num_masks))))
-        done, n = done + chunks[-1].shape[1], ml.num_samples
-        chunks = [torch.cat(chunks, dim=1)]
-        ck.save({"columns": chunks[0].cpu(), "num_data": n}, complete=done == num_masks)
-    return chunks[0], n, resumed_from
+        stop = min(done + chunk, num_masks)
+        G[:, done:stop] = ml.mask_gradients(range(done, stop))
+        done, n = stop, ml.num_samples
+        # A copy of the columns done (a view would save the whole storage); the finished factor as it is.
+        ck.save({"columns": G[:, :done].to("cpu", copy=done < num_masks), "num_data": n}, complete=done == num_masks)
+    return G, n, resumed_from, chunk
 
 
 def sgd_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,
@@ -269,14 +323,36 @@ def sgd_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = 
     per-layer choice). Eigenpairs come from the centred ``n x n`` Gram
     ``J GᵀG J / n``; products ``C V`` take one projection and one combination.
     The loss must be a mean over samples of per-sample terms.
+    ``max_memory`` bounds the per-layer factors and then, with them, the ``n x n``
+    matrices (see :func:`_check_gram_work`), refused after the pass but before they are built.
     """
+    max_memory = check_budget(max_memory)
     G = PerSampleGradients(model, loader, loss_fn, params=params, dropout="off", path=path, max_memory=max_memory,
                            device=device, dtype=dtype, batch_fn=batch_fn, num_batches=num_batches, progress=progress)
     n = G.num_samples  # runs the pass: per-layer factors and the Gram
+    _check_gram_work(G, [n], max_memory, "the SGD-noise covariance")
     J = torch.eye(n, dtype=torch.float64) - 1.0 / n
     mean = G.combine(torch.full((n,), 1.0 / n, dtype=G.dtype, device=G.device))
     return NoiseCovariance(per_sample=G, coefficients=J / math.sqrt(n), mean=mean, kind="sgd", num_samples=n,
-                           info={"num_data": n})
+                           info={"num_data": n}, max_memory=max_memory)
+
+
+def _check_gram_work(G: PerSampleGradients, widths, max_memory: Optional[int], what: str) -> None:
+    """Refuse, before they are built, the ``N x r`` coefficients and Grams of pass-based covariances over ``G``.
+
+    With ``N = G.num_columns`` and one factor width ``r`` per covariance (``Z = G L``,
+    ``L: [N, r]`` float64), counted beside the per-sample factors ``G`` stores:
+    every ``L`` (``8 N r`` bytes), the per-sample Gram while it is summed over layers
+    (``3 N²`` items), the largest float64 Gram ``LᵀKL`` in the making (``K`` cast
+    up, ``LᵀK``, the result twice: ``8 (N² + N r + 2 r²)``) and the ``r x r`` Grams kept.
+    """
+    N, itemsize = G.num_columns, torch.empty((), dtype=G.dtype).element_size()
+    coefficients = 8 * N * sum(widths)
+    work = 3 * N * N * itemsize + 8 * max(N * N + N * r + 2 * r * r for r in widths) + 8 * sum(r * r for r in widths)
+    check_fits(f"{what}: its {N:,} x {N:,} Gram and coefficient matrices, beside the {G.nbytes:,} bytes of "
+               "per-sample factors", G.nbytes + coefficients + work, max_memory, device=G.device,
+               fixes="use fewer samples (num_batches) or masks (num_masks), device='cpu' (host memory), "
+                     "or raise max_memory")
 
 
 @dataclass
@@ -325,13 +401,17 @@ def noise_decomposition(model: nn.Module, loader: Iterable, loss_fn: Optional[Ca
     The population over samples is the data set (``1/n``, as in :func:`sgd_noise`).
     All three are pass-based :class:`NoiseCovariance` on one :class:`PerSampleGradients`
     over the ``n·M`` columns (memory: its per-layer factors, plus ``(nM)²`` for the Gram).
+    ``max_memory`` bounds the per-layer factors and then, with them, the ``nM x nM`` Gram
+    and coefficient matrices (see :func:`_check_gram_work`), refused before they are built.
     """
     if num_masks < 2:
         raise ValueError(f"num_masks must be >= 2 to estimate a covariance over masks, got {num_masks}")
+    max_memory = check_budget(max_memory)
     G = PerSampleGradients(model, loader, loss_fn, params=params, dropout="fixed", mask_seed=seed,
                            mask_index=list(range(num_masks)), masks=masks, path=path, max_memory=max_memory,
                            device=device, dtype=dtype, batch_fn=batch_fn, num_batches=num_batches, progress=progress)
     n, M = G.num_samples, num_masks
+    _check_gram_work(G, [n * M, n * M + n, n * M + n], max_memory, "the dropout-noise decomposition")
     f64 = {"dtype": torch.float64}
     # Columns are mask-major (s·n + i): kron(mask part, sample part).
     centre_masks = torch.eye(M, **f64) - 1.0 / M
@@ -339,12 +419,13 @@ def noise_decomposition(model: nn.Module, loader: Iterable, loss_fn: Optional[Ca
     L_means = torch.kron(torch.full((M, 1), 1.0 / M, **f64), torch.eye(n, **f64) - 1.0 / n) / math.sqrt(n)
     c = (1.0 - 1.0 / n) / M
     info = {"num_data": n, "num_masks": M, "masks": masks, "seed": seed}
-    within = NoiseCovariance(per_sample=G, coefficients=L_within, kind="dropout-within", num_samples=n * M, info=info)
-    between = NoiseCovariance(per_sample=G, coefficients=torch.cat([L_within, L_means], dim=1),
+    common = {"per_sample": G, "num_samples": n * M, "info": info, "max_memory": max_memory}
+    within = NoiseCovariance(coefficients=L_within, kind="dropout-within", **common)
+    between = NoiseCovariance(coefficients=torch.cat([L_within, L_means], dim=1),
                               weights=torch.cat([torch.full((n * M,), -c, **f64), torch.ones(n, **f64)]),
-                              kind="dropout-between", num_samples=n * M, info=info)
-    total = NoiseCovariance(per_sample=G, coefficients=torch.cat([math.sqrt(1.0 - c) * L_within, L_means], dim=1),
-                            kind="dropout-total", num_samples=n * M, info=info)
+                              kind="dropout-between", **common)
+    total = NoiseCovariance(coefficients=torch.cat([math.sqrt(1.0 - c) * L_within, L_means], dim=1),
+                            kind="dropout-total", **common)
     mean = G.combine(torch.full((n * M,), 1.0 / (n * M), dtype=G.dtype, device=G.device))
     for C in (within, between, total):
         C.mean = mean

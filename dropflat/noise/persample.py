@@ -431,6 +431,13 @@ class PerSampleGradients:
         self._collect()
         return {layer.name: layer.path for layer in self._layers}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held after the pass: the per-layer factors, the fallback's gradients and the cached Gram."""
+        self._collect()
+        held = [t for layer in self._layers for t in layer.data] + [self._fallback_G, self._gram]
+        return sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+
     def gram(self) -> torch.Tensor:
         """``GᵀG``, ``[N, N]``: the sum over layers (and the fallback) of the per-layer Grams."""
         if self._gram is None:

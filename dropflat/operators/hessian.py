@@ -21,13 +21,15 @@ True
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..heap import cpu_heap
+from ..memory import check_budget, fit_chunk
+from ..memory import default_budget as _default_budget
 from ..model_loss import ModelLoss, flat_grads
 from ..params import ParamSpec, unflatten
 from .base import LinearOperator
@@ -73,6 +75,17 @@ class HessianOperator(LinearOperator):
         adjoints, about two activations' worth per direction); ``matmat`` splits its ``k``
         columns into chunks that fit, sharing the primal pass. ``None``: a quarter of the
         free memory of the device. :attr:`peak_bytes` records the largest working set used.
+    autocast: ``None`` (default), ``torch.bfloat16`` or ``torch.float16``: mixed precision for
+        the products. Parameters, vectors and ``out`` stay float32 (the operator's ``dtype``,
+        required); each batch's forward (and loss) runs under ``torch.autocast(device.type,
+        dtype=autocast)``, then the tangent forward and R-backward (``"rop"``: each rule in the
+        dtype autocast gave its op, e.g. GEMMs and convolutions in bfloat16, the cross-entropy
+        in float32) or the double backward (``"autograd"``: in the dtypes of the recorded graph,
+        as torch recommends for backward passes) follow that forward's precision. Every batch's
+        product is cast up to float32 before it joins the sample-weighted sum. Expect relative
+        errors of a few times bfloat16's unit roundoff (``2^-8``) against float32 products on
+        smooth models; where a sample sits at a ReLU or max-pool kink the rounded forward may
+        take the other side, and the difference is as large as the Hessian's own jump there.
 
     Vectors are flat, in ``model.named_parameters()`` order (see :func:`dropflat.flatten`).
     ``matmat(V)`` carries all ``k`` columns of ``V`` through one pass over the data.
@@ -83,18 +96,18 @@ class HessianOperator(LinearOperator):
                  num_batches: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
                  mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
-                 distributed: Optional[bool] = None, engine: str = "auto", max_memory: Optional[int] = None):
+                 distributed: Optional[bool] = None, engine: str = "auto", max_memory: Optional[int] = None,
+                 autocast: Optional[torch.dtype] = None):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if max_memory is not None and max_memory <= 0:
-            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
         self.engine = "rop" if engine == "auto" else engine
-        self.max_memory = max_memory
+        self.max_memory = check_budget(max_memory)
         self.peak_bytes = 0  # the largest working set of a product so far (estimated on the CPU)
         self.loss = ModelLoss(model, loader, loss_fn, params=params, dropout=dropout, batchnorm=batchnorm,
                               num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn,
                               progress=progress, mask_seed=mask_seed, mask_index=mask_index,
-                              num_masks=num_masks, masks=masks, distributed=distributed)
+                              num_masks=num_masks, masks=masks, distributed=distributed, autocast=autocast)
+        self.autocast = self.loss.autocast
         P = self.loss.num_params
         self.shape = (P, P)
         self.dtype = self.loss.dtype
@@ -180,16 +193,14 @@ class HessianOperator(LinearOperator):
         k = out.shape[1]
         per_vector = max(1, tape.nbytes())  # tangents and R-adjoints: one activation set each, per vector
         budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
-        chunk = max(1, min(k, budget // per_vector))
+        chunk = fit_chunk("the working set of a Hessian-vector product on this batch (tangents, R-adjoints)",
+                          per_item=per_vector, max_memory=budget, limit=k,
+                          fixes="use smaller batches, autocast=torch.bfloat16, or raise max_memory")
         if self.device.type == "cpu":
             # On a CPU the k-fold tangents stream from memory: measured on ResNet-20 / an MLP / a
             # Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
             # vector than they save, so the directions go through a few at a time.
             chunk = max(1, min(chunk, CPU_CHUNK_VECTORS, CPU_CHUNK_BYTES // per_vector))
-        if budget < per_vector:
-            raise MemoryError(
-                f"one Hessian-vector product of this batch needs about {per_vector / 2**20:.0f} MiB of working "
-                f"memory, more than max_memory={budget / 2**20:.0f} MiB; use smaller batches or raise max_memory")
         self.peak_bytes = max(self.peak_bytes, chunk * per_vector + tape.nbytes())
         for lo in range(0, k, chunk):
             hi = min(k, lo + chunk)
@@ -215,7 +226,8 @@ class HessianOperator(LinearOperator):
             return
         self._cache = _GraphCache(max_memory if max_memory is not None else _default_budget(self.device))
         try:
-            yield self
+            with cpu_heap(self.device.type == "cpu"):  # the retained products reuse each other's memory
+                yield self
         finally:
             self._cache = None
 
@@ -263,14 +275,3 @@ class _GraphCache:
         incomplete = torch.tensor([int(not self.complete)], dtype=torch.int64, device=loss.device)
         loss.reduce_(incomplete)
         return int(incomplete) == 0
-
-
-def _default_budget(device: torch.device) -> int:
-    """A quarter of the device's free memory, in bytes."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 2 << 30

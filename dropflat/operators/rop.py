@@ -30,6 +30,15 @@ generic ``torch.func`` rule (exact, slower) with a one-time
 Tangents carry the directions in a leading dimension: an activation of shape
 ``S`` has tangents ``[k, *S]``, so that elementwise rules broadcast the primal
 against them without reshaping.
+
+Precision: as in autograd, every tangent and adjoint has its primal's dtype, and
+each rule runs in the dtype its op computed in (the dtype of its output), on a
+:attr:`Node.compute` twin whose floating inputs are cast to it. Under
+``torch.autocast`` (recorded above the dispatcher, so a linear layer's recorded
+output is bfloat16 while its weight is float32) a rule then replays the op's
+autocast policy: GEMMs and convolutions in bfloat16, the cross-entropy in float32;
+results are cast back to each input's dtype, so parameters get float32 products.
+Without mixed dtypes the twin is the node itself and nothing is cast.
 """
 from __future__ import annotations
 
@@ -63,7 +72,7 @@ def warn_fallback(name: str, where: Optional[str] = None) -> None:
 class Node:
     """One recorded call: ``outputs = func(*args, **kwargs)`` with some inputs depending on the parameters."""
 
-    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name", "where")
+    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name", "where", "compute")
 
     def __init__(self, func, rule, leaves, spec, live, outputs, name, where=None):
         self.func, self.rule, self.leaves, self.spec = func, rule, leaves, spec
@@ -72,6 +81,7 @@ class Node:
         self.ctx: dict = {}         # a rule's per-node cache (e.g. a dropout mask)
         self.name = name
         self.where = where          # the innermost module whose forward made the call, for messages
+        self.compute: Node = self   # the call as its rule sees it: floating values in the op's dtype
 
     @property
     def inputs(self) -> List[torch.Tensor]:
@@ -122,6 +132,7 @@ class Tape:
         self.live: Dict[int, torch.Tensor] = {id(p): p for p in self.params}
         self.loss: Optional[torch.Tensor] = None
         self.adjoints: Optional[Dict[int, torch.Tensor]] = None
+        self.casts: Dict[tuple, torch.Tensor] = {}  # (id, dtype) -> one cast copy, shared by every node using it
 
     # ------------------------------------------------------------------ products
 
@@ -136,15 +147,16 @@ class Tape:
             return self._hvp(tangents, loss_weight)
 
     def _hvp(self, tangents, loss_weight):
-        T: Dict[int, torch.Tensor] = {id(p): t for p, t in zip(self.params, tangents) if t is not None}
+        T: Dict[int, torch.Tensor] = {id(p): _cast(t, p) for p, t in zip(self.params, tangents) if t is not None}
         for node in self.nodes:
             ins = [T.get(id(x)) for x in node.inputs]
             if all(t is None for t in ins):
                 continue
-            outs = node.rule.tangent(node, ins)
+            run = node.compute
+            outs = node.rule.tangent(run, _casts(ins, run.inputs))
             for o, t in zip(node.outputs, outs):
                 if t is not None:
-                    T[id(o)] = t
+                    T[id(o)] = _cast(t, o)
         first = self.adjoints is None
         g: Dict[int, torch.Tensor] = {} if first else self.adjoints
         Rg: Dict[int, torch.Tensor] = {}
@@ -156,13 +168,16 @@ class Tape:
                 continue  # does not reach the loss
             Rg_out = [Rg.get(id(o)) for o in node.outputs]
             t_in = [T.get(id(x)) for x in node.inputs]
+            run = node.compute
+            g_out = _casts(g_out, run.outputs)
             if first:
-                for x, gi in zip(node.inputs, node.rule.vjp(node, g_out)):
+                for x, gi in zip(node.inputs, node.rule.vjp(run, g_out)):
                     _accumulate(g, x, gi)
             if all(r is None for r in Rg_out) and all(t is None for t in t_in):
                 continue
             try:
-                for x, r in zip(node.inputs, node.rule.rvjp(node, g_out, Rg_out, t_in)):
+                Rg_out, t_in = _casts(Rg_out, run.outputs), _casts(t_in, run.inputs)
+                for x, r in zip(node.inputs, node.rule.rvjp(run, g_out, Rg_out, t_in)):
                     _accumulate(Rg, x, r)
             except Exception as e:
                 raise type(e)(f"{e} [in the R-operator rule for {node.name}]") from e
@@ -176,19 +191,55 @@ class Tape:
         return [self.adjoints.get(id(p)) for p in self.params]
 
     def nbytes(self) -> int:
-        """Memory the tape keeps alive (recorded outputs and the adjoints, upper bound)."""
+        """Memory the tape keeps alive (recorded outputs and the adjoints, plus cast copies; upper bound)."""
         seen, total = set(), 0
         for node in self.nodes:
             for o in node.outputs:
                 if id(o) not in seen:
                     seen.add(id(o))
                     total += o.numel() * o.element_size()
-        return 2 * total  # adjoints are as large as the outputs they belong to
+        copies = sum(c.numel() * c.element_size() for c in self.casts.values())
+        return 2 * total + copies  # adjoints are as large as the outputs they belong to
+
+    def prepare(self) -> None:
+        """Give every node whose floating values differ in dtype from its output a :attr:`Node.compute` twin.
+
+        The twin's floating leaves and outputs are cast to the output's dtype (the
+        dtype the op computed in, autocast's choice), one copy per tensor and
+        dtype for the whole tape, so identity between a node's arguments survives.
+        """
+        for node in self.nodes:
+            dtype = node.outputs[0].dtype
+            floats = [x for x in node.leaves + node.outputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+            if all(x.dtype == dtype for x in floats):
+                continue
+            twin = Node(node.func, node.rule, [self._cast(x, dtype) for x in node.leaves], node.spec, node.live,
+                        [self._cast(o, dtype) for o in node.outputs], node.name, node.where)
+            node.compute = twin
+
+    def _cast(self, x, dtype: torch.dtype):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype:
+            return x
+        key = (id(x), dtype)
+        if key not in self.casts:
+            self.casts[key] = x.detach().to(dtype)
+        return self.casts[key]
+
+
+def _cast(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` in ``like``'s dtype (the same tensor when it already is; ``None`` stays ``None``)."""
+    return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _casts(values, likes) -> list:
+    return [_cast(v, x) for v, x in zip(values, likes)]
 
 
 def _accumulate(store: Dict[int, torch.Tensor], x: torch.Tensor, value: Optional[torch.Tensor]) -> None:
+    """``store[x] += value``, in ``x``'s dtype (a tangent or adjoint has its primal's dtype, as in autograd)."""
     if value is None:
         return
+    value = _cast(value, x)
     key = id(x)
     prev = store.get(key)
     store[key] = value if prev is None else prev + value
@@ -326,6 +377,7 @@ def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], 
     if id(loss) not in tape.live or tape.live[id(loss)] is not loss:
         loss = loss.detach()  # independent of the parameters: zero Hessian
     tape.loss = loss
+    tape.prepare()
     return tape
 
 

@@ -512,15 +512,20 @@ class LinearRule:
         (x, w, b), _ = self._parts(node)
         tx, tw, tb = self._tangents(node, t_in)
         k = _k(t_in)
+        out_f, in_f = w.shape
+        shape = (k,) + tuple(node.outputs[0].shape)
         out = None
-        if tx is not None:
-            out = tx @ w.T
-        if tw is not None:
-            xv = (x @ tw.reshape(k * w.shape[0], w.shape[1]).T).unflatten(-1, (k, w.shape[0])).movedim(-2, 0)
-            out = xv if out is None else out + xv
+        if tx is not None:  # R x Wᵀ: one GEMM over all k·rows
+            out = F.linear(tx.reshape(-1, in_f), w).view(shape)
+        if tw is not None:  # x V_Wᵀ: one GEMM per direction, written into its slice of the output
+            x2 = x.reshape(-1, in_f)
+            o3 = (x2.new_zeros(shape) if out is None else out).view(k, -1, out_f)
+            for i in range(k):
+                o3[i].addmm_(x2, tw[i].T)
+            out = o3.view(shape)
         if tb is not None:
-            tb = tb.reshape((k,) + (1,) * (x.dim() - 1) + (w.shape[0],))
-            out = tb.expand((k,) + tuple(node.outputs[0].shape)) if out is None else out + tb
+            tb = tb.reshape((k,) + (1,) * (x.dim() - 1) + (out_f,))
+            out = tb.expand(shape) if out is None else out.add_(tb)
         return [out]
 
     def _select(self, node, parts):
@@ -542,24 +547,32 @@ class LinearRule:
         g, Rg = g_out[0], Rg_out[0]
         k = _k([Rg, *t_in])
         out_f, in_f = w.shape
+        # Two-dimensional GEMMs on contiguous rows: a broadcast operand in a batched matmul would be
+        # copied k times, and strided tangents fall off the BLAS fast path.
         x2 = x.reshape(-1, in_f)
         g2 = g.reshape(-1, out_f) if g is not None else None
-        Rg2 = Rg.reshape(k, -1, out_f) if Rg is not None else None
+        Rg3 = Rg.reshape(k, -1, out_f) if Rg is not None else None
         gx = gw = gb = None
         if is_live[0]:
-            if Rg is not None:
-                gx = Rg @ w
-            if tw is not None and g is not None:
-                gv = (g @ tw.permute(1, 0, 2).reshape(out_f, k * in_f)).unflatten(-1, (k, in_f)).movedim(-2, 0)
-                gx = gv if gx is None else gx + gv
+            xshape = (k,) + tuple(x.shape)
+            if Rg3 is not None:
+                gx = (Rg3.reshape(-1, out_f) @ w).view(xshape)
+            if tw is not None and g2 is not None:  # g V_W, one GEMM per direction into its slice
+                gx3 = (x2.new_zeros(xshape) if gx is None else gx).view(k, -1, in_f)
+                for i in range(k):
+                    gx3[i].addmm_(g2, tw[i])
+                gx = gx3.view(xshape)
         if is_live[1]:
-            if Rg2 is not None:
-                gw = Rg2.transpose(1, 2) @ x2
-            if tx is not None and g2 is not None:
-                gr = g2.T @ tx.reshape(k, -1, in_f)
-                gw = gr if gw is None else gw + gr
-        if is_live[2] and Rg2 is not None:
-            gb = Rg2.sum(1)
+            tx3 = tx.reshape(k, -1, in_f) if tx is not None and g2 is not None else None
+            if Rg3 is not None or tx3 is not None:
+                gw = w.new_zeros((k, out_f, in_f))
+                for i in range(k):  # R gᵀ x + gᵀ R x
+                    if Rg3 is not None:
+                        gw[i].addmm_(Rg3[i].T, x2)
+                    if tx3 is not None:
+                        gw[i].addmm_(g2.T, tx3[i])
+        if is_live[2] and Rg3 is not None:
+            gb = Rg3.sum(1)
         return self._select(node, [gx, gw, gb])
 
 
@@ -746,15 +759,16 @@ class BatchNormRule:
         k = _k(t_in)
         kshape = (k,) + shape
         out = None
+        # In place on the one fresh tensor: these activation-sized passes are memory-bound.
         if t.get("input") is not None:
             scale = inv if v["weight"] is None else inv * v["weight"].reshape(shape)
             out = t["input"] * scale
         if t.get("weight") is not None:
-            term = xhat * t["weight"].reshape(kshape)
-            out = term if out is None else out + term
+            tw = t["weight"].reshape(kshape)
+            out = xhat * tw if out is None else out.addcmul_(xhat, tw)
         if t.get("bias") is not None:
             term = t["bias"].reshape(kshape)
-            out = term.expand((k,) + tuple(xhat.shape)) if out is None else out + term
+            out = term.expand((k,) + tuple(xhat.shape)) if out is None else out.add_(term)
         return [out]
 
     def vjp(self, node, g_out):
@@ -783,8 +797,8 @@ class BatchNormRule:
             if Rg is not None:
                 r = Rg * (inv if v["weight"] is None else inv * v["weight"].reshape(shape))
             if t.get("weight") is not None and g is not None:
-                term = g * (inv * t["weight"].reshape(kshape))
-                r = term if r is None else r + term
+                tw = inv * t["weight"].reshape(kshape)
+                r = g * tw if r is None else r.addcmul_(g, tw)
             res["input"] = r
         if "weight" in which:
             r = None
