@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .data import Batch, call_model, iterate_batches
 from .distributed import all_reduce_, resolve_distributed
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
-from .heap import cpu_heap
+from .heap import HeapLease
 from .model_state import check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
@@ -76,6 +76,7 @@ class ModelLoss:
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
         self.autocast = check_autocast(autocast, self.device, self.dtype)
         self.batch_fn = batch_fn
+        self._heap = HeapLease(self.device.type == "cpu")  # products reuse each other's memory
         self.progress = progress
         self.num_params = sum(p.numel() for _, p in self.named_params)
         self.num_samples: Optional[int] = None  # known after the first pass
@@ -179,7 +180,7 @@ class ModelLoss:
         """
         shard = self.shard() if sums is not None else None
         total, error = 0, None
-        with preserved(self.model), _twice_differentiable_attention(), cpu_heap(self.device.type == "cpu"):
+        with preserved(self.model), _twice_differentiable_attention():
             set_modes(self.model, self.dropout, self.batchnorm)
             leaves, state = self._state()
             try:

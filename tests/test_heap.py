@@ -1,4 +1,4 @@
-"""``dropflat.heap.cpu_heap``: freed CPU memory is reused inside the context and handed back after it.
+"""``dropflat.heap``: freed CPU memory is reused inside the context and handed back after it.
 
 Each check runs in a fresh interpreter: glibc's thresholds are process state,
 and this test process has already run other tests' passes.
@@ -14,8 +14,8 @@ from dropflat.heap import _LIBC
 pytestmark = pytest.mark.skipif(_LIBC is None, reason="glibc only (Linux)")
 
 PROBE = r"""
-import json, resource, torch
-from dropflat.heap import cpu_heap
+import gc, json, resource, torch
+from dropflat.heap import HeapLease, cpu_heap
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -37,7 +37,13 @@ with cpu_heap():
     held = rss_mib()
     x = sum(torch.ones(1 << 20) for _ in range(3))
 trimmed = rss_mib()
-print(json.dumps({"outside": outside, "inside": inside, "held": held, "trimmed": trimmed, "x": float(x[0])}))
+lease = HeapLease()  # what a CPU operator holds between its products
+leased = churn()
+lease_held = rss_mib()
+del lease
+gc.collect()
+print(json.dumps({"outside": outside, "inside": inside, "held": held, "trimmed": trimmed, "x": float(x[0]),
+                  "leased": leased, "lease_held": lease_held, "lease_trimmed": rss_mib()}))
 """
 
 
@@ -60,6 +66,8 @@ def test_freed_blocks_are_reused_inside_and_returned_after():
     # On leaving, the kept memory goes back to the kernel (malloc_trim).
     assert r["held"] - r["trimmed"] >= 48, r
     assert r["x"] == 3.0
+    # A lease acts the same from its creation until it is collected.
+    assert r["leased"] <= 2 * pages and r["lease_held"] - r["lease_trimmed"] >= 48, r
 
 
 def test_switched_off_by_the_environment():

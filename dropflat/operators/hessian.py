@@ -27,7 +27,6 @@ from typing import Callable, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..heap import cpu_heap
 from ..memory import check_budget, fit_chunk
 from ..memory import default_budget as _default_budget
 from ..model_loss import ModelLoss, flat_grads
@@ -226,8 +225,7 @@ class HessianOperator(LinearOperator):
             return
         self._cache = _GraphCache(max_memory if max_memory is not None else _default_budget(self.device))
         try:
-            with cpu_heap(self.device.type == "cpu"):  # the retained products reuse each other's memory
-                yield self
+            yield self
         finally:
             self._cache = None
 
