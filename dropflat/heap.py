@@ -1,4 +1,4 @@
-"""Keep freed CPU memory in the process heap during dropflat's passes (glibc only).
+"""Keep freed CPU memory in the process heap while dropflat's operators work (glibc only).
 
 Why: PyTorch allocates CPU tensors with the C library's ``malloc``. glibc
 hands memory above its "trim threshold" back to the kernel on ``free`` and
@@ -14,14 +14,16 @@ on ResNet-20 (2 x 128 CIFAR images, 2 threads) one retained product took
   maps memory when the heap cannot grow);
 * ``M_TRIM_THRESHOLD`` = ``SIZE_MAX``: free memory at the top of the heap is kept.
 
-When the outermost context ends (the last lease is collected) the free memory goes back to the kernel
-(``malloc_trim``), ``M_MMAP_MAX`` returns to its default and the thresholds are
+The setting is process-wide: other code running meanwhile gets it too. When
+the outermost context ends and the last lease is collected, the free memory
+goes back to the kernel (``malloc_trim``), ``M_MMAP_MAX`` returns to its
+default and the thresholds are
 set to 32 MiB (mmap) and 64 MiB (trim). glibc adapts those two thresholds to
 the largest block freed so far, up to exactly these values, until a program
 sets them, so that is the state any process reaches once it frees a 32 MiB
 tensor; it is kept afterwards because setting a threshold turns the adaptation
 off for good. Elsewhere than Linux/glibc, and with the environment
-variable ``DROPFLAT_HEAP=0``, the context does nothing.
+variable ``DROPFLAT_HEAP=0``, contexts and leases do nothing.
 
 >>> with cpu_heap():
 ...     x = sum(torch.ones(1 << 20) for _ in range(3))
