@@ -20,6 +20,17 @@ def fresh_seed():
     return seed
 
 
+@pytest.fixture
+def one_thread():
+    """For files of tiny products (``pytestmark = pytest.mark.usefixtures("one_thread")``): waking a second
+    OpenMP thread per op costs more than these ops, and on a shared, loaded 2-core machine it made such files
+    up to 50x slower (a descheduled thread stalls every product)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -48,6 +48,19 @@ def mlp(act: str, din=5, hidden=6, classes=3):
                          nn.Linear(hidden, classes))
 
 
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, g: torch.Generator) -> nn.Module:
+    """Non-trivial running statistics and affine parameters in every BatchNorm layer (eval mode is then not
+    the identity map, so a rule that ignored them would show)."""
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-0.5, 0.5, generator=g)
+    return model
+
+
 def make_case(family: str, seed: int, dtype=torch.float64, n=23, batch=8):
     """A fresh random model and loader (batches of ``batch``, uneven last batch) of one family."""
     g = torch.Generator().manual_seed(seed)
@@ -56,13 +69,7 @@ def make_case(family: str, seed: int, dtype=torch.float64, n=23, batch=8):
         model = mlp(family[4:])
         X = torch.randn(n, 5, generator=g)
     elif family == "cnn":
-        model = SmallCNN()
-        with torch.no_grad():  # non-trivial running statistics
-            for bn in (model.bn1, model.bn2):
-                bn.running_mean.uniform_(-0.5, 0.5, generator=g)
-                bn.running_var.uniform_(0.5, 2.0, generator=g)
-                bn.weight.uniform_(0.5, 1.5, generator=g)
-                bn.bias.uniform_(-0.5, 0.5, generator=g)
+        model = randomize_batchnorm(SmallCNN(), g)
         X = torch.randn(n, 2, 4, 4, generator=g)
     elif family == "transformer":
         model = TinyTransformer()

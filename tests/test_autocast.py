@@ -25,7 +25,7 @@ from torch import nn
 
 import dropflat
 
-from families import assert_untouched, make_case, snapshot
+from families import assert_untouched, make_case, randomize_batchnorm, snapshot
 
 REL_TOL = 5e-2
 MIN_ERR = 1e-5
@@ -67,13 +67,7 @@ def smooth_case(family: str, seed: int, n: int = 24, batch: int = 8):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if family == "cnn":
-        model = SmoothCNN()
-        with torch.no_grad():
-            for bn in (model.bn1, model.bn2):
-                bn.running_mean.uniform_(-0.5, 0.5, generator=g)
-                bn.running_var.uniform_(0.5, 2.0, generator=g)
-                bn.weight.uniform_(0.5, 1.5, generator=g)
-                bn.bias.uniform_(-0.5, 0.5, generator=g)
+        model = randomize_batchnorm(SmoothCNN(), g)
         X = torch.randn(n, 2, 4, 4, generator=g)
     else:
         model = TinyEncoder()
@@ -87,12 +81,7 @@ def seed(fresh_seed):
     return int(os.environ.get("DROPFLAT_TEST_SEED", fresh_seed))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,15 +20,7 @@ from dropflat.operators import HessianOperator, LinearOperator
 
 from families import dense_hessian, make_case
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are small (P <= 2000): thousands of tiny products, where a second thread only adds
-    synchronisation (and, on a loaded machine, waits for a descheduled thread at every product)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counting(LinearOperator):

@@ -32,14 +32,7 @@ from families import SmallCNN, assert_untouched, snapshot
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. Waking a second OpenMP thread per op costs more than these ops, and on a
-    shared, loaded 2-core machine it made this file 50x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -13,14 +13,7 @@ from dropflat.sme import SMETrajectory, simulate_dropout_gd, simulate_sme
 
 from families import FAMILIES, assert_untouched, make_case, named_parts, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_layer(seed, act=nn.ReLU, d=3, m=8, n=20, q=0.3):
