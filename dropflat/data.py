@@ -15,7 +15,7 @@ import torch
 
 from .distributed import owns
 
-__all__ = ["Batch", "iterate_batches", "call_model", "move"]
+__all__ = ["Batch", "iterate_batches", "call_model", "move", "split_batch"]
 
 
 @dataclass
@@ -92,6 +92,38 @@ def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_b
         offset += size
     if count == 0:
         raise ValueError("the loader yielded no samples; pass a loader with at least one non-empty batch")
+
+
+def _rows(obj, size: int, start: int, stop: int):
+    """``obj`` with every tensor whose first dimension is ``size`` cut to rows ``start:stop`` (others kept whole)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.ndim and obj.shape[0] == size else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, size, start, stop) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(v, size, start, stop) for v in obj)
+    return obj
+
+
+def split_batch(batch: Batch, rows: int) -> Iterator[Batch]:
+    """``batch`` as consecutive batches of at most ``rows`` samples, with their global offsets.
+
+    Every tensor in the inputs and targets whose first dimension is the sample
+    count is cut; other tensors (a shared attention mask, say) go whole to each
+    part. Replayable dropout masks follow the global sample index, so each part
+    draws the rows of the whole batch's mask; a loss that is a batch mean,
+    weighted by part size, sums to the whole batch's.
+
+    >>> b = Batch(0, torch.arange(5.0)[:, None], torch.arange(5), 5, 10)
+    >>> [(p.size, p.offset, p.targets.tolist()) for p in split_batch(b, 2)]
+    [(2, 10, [0, 1]), (2, 12, [2, 3]), (1, 14, [4])]
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    for start in range(0, batch.size, rows):
+        stop = min(start + rows, batch.size)
+        yield Batch(batch.index, _rows(batch.inputs, batch.size, start, stop),
+                    _rows(batch.targets, batch.size, start, stop), stop - start, batch.offset + start)
 
 
 def call_model(model: Callable, inputs):

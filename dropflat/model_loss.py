@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
 
-from .data import Batch, call_model, iterate_batches
+from .data import Batch, call_model, iterate_batches, split_batch
 from .distributed import all_reduce_, resolve_distributed
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
 from .heap import HeapLease
+from .memory import GRAPH_WORKING_SET, saved_bytes
 from .model_state import check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
@@ -169,6 +171,13 @@ class ModelLoss:
             )
         return loss
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """``(leaves, state)`` with the model's dropout/BatchNorm modes set, everything restored afterwards."""
+        with preserved(self.model), _twice_differentiable_attention():
+            set_modes(self.model, self.dropout, self.batchnorm)
+            yield self._state()
+
     def evaluate(self, per_batch: Callable[[dict, List[torch.Tensor], Batch], None], desc: str,
                  sums: Optional[Sequence[torch.Tensor]] = None) -> int:
         """Run ``per_batch(state, leaves, batch)`` over the loader with the model's modes set; return N.
@@ -180,9 +189,7 @@ class ModelLoss:
         """
         shard = self.shard() if sums is not None else None
         total, error = 0, None
-        with preserved(self.model), _twice_differentiable_attention():
-            set_modes(self.model, self.dropout, self.batchnorm)
-            leaves, state = self._state()
+        with self._evaluating() as (leaves, state):
             try:
                 with torch.enable_grad():
                     for batch in self.batches(desc, shard):
@@ -233,17 +240,43 @@ class ModelLoss:
         n = self.evaluate(step, "loss", sums=(loss_sum,))
         return float(loss_sum) / n
 
-    def mask_gradients(self, indices: Sequence[int]) -> torch.Tensor:
-        """``[P, k]``: the data-set mean gradient under each replayable mask in ``indices``, one data pass."""
+    def mask_gradients(self, indices: Sequence[int], rows: Optional[int] = None) -> torch.Tensor:
+        """``[P, k]``: the data-set mean gradient under each replayable mask in ``indices``, one data pass.
+
+        ``rows``: at most this many samples per forward-backward pass; larger
+        batches are cut (:func:`~dropflat.data.split_batch`; masks follow the
+        global sample index, so the gradients are the whole batch's, summed in
+        another order). Not with ``batchnorm="batch"``, whose statistics need the
+        whole batch. ``None``: whole batches.
+        """
         indices = list(indices)
         G = torch.zeros(self.num_params, len(indices), dtype=self.dtype, device=self.device)
+        if rows is not None and self.batchnorm == "batch":
+            raise ValueError("batches cannot be cut under batchnorm='batch' (its statistics need the whole batch); "
+                             "use smaller batches in the loader instead")
 
         def step(state, leaves, batch):
-            for j, m in enumerate(indices):
-                grads = torch.autograd.grad(self.batch_loss(state, batch, m), leaves, allow_unused=True)
-                G[:, j].add_(flat_grads(grads, leaves), alpha=batch.size)
+            for part in split_batch(batch, rows or batch.size):
+                for j, m in enumerate(indices):
+                    grads = torch.autograd.grad(self.batch_loss(state, part, m), leaves, allow_unused=True)
+                    G[:, j].add_(flat_grads(grads, leaves), alpha=part.size)
 
         return G.div_(self.evaluate(step, "dropout gradients", sums=(G,)))
+
+    def graph_bytes(self, mask_index: Optional[int] = None) -> Tuple[int, int]:
+        """``(bytes per sample, samples in the first batch)`` of one forward-backward pass.
+
+        Measured on the graph of (at most) 8 samples of the first batch: the
+        bytes autograd saves, beyond parameters and inputs, times
+        :data:`~dropflat.memory.GRAPH_WORKING_SET` for the gradients flowing back beside them.
+        """
+        with self._evaluating() as (leaves, state):
+            batch = next(iter(self.batches("graph size")))
+            probe = next(split_batch(batch, 8))
+            with torch.enable_grad():
+                _, saved = saved_bytes(lambda: self.batch_loss(state, probe, mask_index),
+                                       exclude=[*leaves, *state.values(), *tree_leaves((probe.inputs, probe.targets))])
+        return max(1, -(-GRAPH_WORKING_SET * saved // probe.size)), batch.size
 
 
 def check_autocast(autocast: Optional[torch.dtype], device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:

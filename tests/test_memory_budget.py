@@ -112,17 +112,41 @@ def test_dropout_noise_budget_picks_masks_per_pass_with_identical_results(fresh_
     model, batches = make_case("mlp-relu", fresh_seed)
     P, M = sum(p.numel() for p in model.parameters()), 10
     ref = dropflat.dropout_noise(model, batches, num_masks=M, seed=1)
-    # Checkpointing on a CPU holds the factor, its saved copy and one mask's gradients twice: room for 2 more columns.
-    budget = P * F64 * (2 * M + 2 + 2)
+    # Checkpointing on a CPU holds the factor, its saved copy, one mask's gradients twice and a batch's
+    # forward-backward graph (sized first): room for 2 more columns.
+    per_sample, batch = ModelLoss(model, batches, dropout="fixed", mask_seed=1).graph_bytes(mask_index=0)
+    budget = P * F64 * (2 * M + 2 + 2) + per_sample * batch
     loader = Counting(batches)
     got = dropflat.dropout_noise(model, loader, num_masks=M, seed=1, checkpoint=tmp_path / "noise.pt",
                                  checkpoint_every=8, max_memory=budget)
-    assert got.info["manifest"]["masks_per_pass"] == 2 and loader.passes == math.ceil(M / 2)
+    assert got.info["manifest"]["masks_per_pass"] == 2 and loader.passes == 1 + math.ceil(M / 2)  # + graph probe
+    assert got.info["manifest"]["samples_per_pass"] is None  # whole batches
     assert torch.equal(got.factor, ref.factor) and torch.equal(got.mean, ref.mean)
     with pytest.raises(MemoryError) as err:
         dropflat.dropout_noise(model, batches, num_masks=M, seed=1, checkpoint=tmp_path / "other.pt",
-                               max_memory=budget - 2 * P * F64)
+                               max_memory=P * F64 * (2 * M + 2 + 1) - 1)  # not even one mask's column
     helpful(err, "a chunk of masks")
+
+
+@pytest.mark.parametrize("family", ["mlp-relu", "cnn"])
+def test_dropout_noise_budget_cuts_batches_with_the_same_covariance(family, fresh_seed):
+    # Masks follow the global sample index, so cutting a batch into parts changes only the summation order.
+    model, batches = make_case(family, fresh_seed, n=40, batch=16)
+    P, M = sum(p.numel() for p in model.parameters()), 6
+    ref = dropflat.dropout_noise(model, batches, num_masks=M, seed=2)
+    assert ref.info["manifest"]["samples_per_pass"] is None
+    per_sample, first = ModelLoss(model, batches, dropout="fixed", mask_seed=2).graph_bytes(mask_index=0)
+    assert per_sample > 0 and first == 16
+    held = P * F64 * (M + 2)  # the factor and one mask's gradients twice
+    got = dropflat.dropout_noise(model, batches, num_masks=M, seed=2, max_memory=held + 5 * per_sample)
+    assert got.info["manifest"]["samples_per_pass"] == 5
+    # float64: the parts' sums differ from the whole batch's by reordering alone (~1e-16 relative per term).
+    scale = float(ref.factor.abs().max())
+    torch.testing.assert_close(got.factor, ref.factor, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=1e-14 * float(ref.eigenvalues[0]))
+    with pytest.raises(MemoryError) as err:
+        dropflat.dropout_noise(model, batches, num_masks=M, seed=2, max_memory=held + per_sample // 2)
+    helpful(err, "one sample's forward-backward pass", "max_memory")
 
 
 def test_noise_covariance_refuses_eigenvectors_beyond_its_budget(fresh_seed):
@@ -130,8 +154,10 @@ def test_noise_covariance_refuses_eigenvectors_beyond_its_budget(fresh_seed):
     P, r = A.shape
     tight = NoiseCovariance(A.clone(), max_memory=P * r * F64 + 100)  # the factor alone
     assert tight.trace() == pytest.approx(float((A * A).sum()), rel=1e-12)  # Gram-only results still work
+    ref_values = torch.linalg.eigvalsh(A.T @ A).flip(0)
+    assert torch.allclose(tight.eigenvalues, ref_values, rtol=1e-10, atol=1e-12 * float(ref_values[0]))
     with pytest.raises(MemoryError) as err:
-        _ = tight.eigenvalues
+        _ = tight.eigenvectors
     helpful(err, "eigenvectors", "noise covariance", "max_memory=")
     roomy = NoiseCovariance(A.clone(), max_memory=2 * P * r * F64)
     ref = NoiseCovariance(A.clone())

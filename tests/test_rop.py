@@ -1020,3 +1020,34 @@ def test_rop_on_cuda_matches_autograd(name, seed):
 
 def _cuda(t):
     return t.to("cuda") if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_a_tape_is_freed_by_reference_counting(autocast):
+    # A reference cycle through the tape's nodes would keep every recorded activation alive until the cyclic
+    # garbage collector ran: unretained products then grew the heap by a whole tape per call.
+    import gc
+    import weakref
+
+    from dropflat.operators.rop import record
+    from dropflat.operators.rop_rules import rule_for
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(4, 2, 4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss():
+        ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    tape = record(list(params.values()), loss, rule_for, model=model)
+    tape.hvp([torch.randn(1, *p.shape, generator=g) for p in params.values()])  # fills adjoints (and twins' casts)
+    alive = [weakref.ref(tape), weakref.ref(tape.nodes[0].outputs[0]), weakref.ref(tape.nodes[-1].outputs[0])]
+    gc.disable()
+    try:
+        del tape
+        assert all(r() is None for r in alive)
+    finally:
+        gc.enable()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -93,6 +93,7 @@ class NoiseCovariance(LinearOperator):
         self.info = info or {}
         self.shape = (P, P)
         self.max_memory = check_budget(max_memory)
+        self._spec = None
         self._eig = None
         self._zgram = None
         self._factor_cache: Optional[torch.Tensor] = None
@@ -115,11 +116,17 @@ class NoiseCovariance(LinearOperator):
             y = y * self.weights[:, None].to(y.dtype)
         return self._combine(y)
 
-    def gram(self, rows: int = 1 << 16) -> torch.Tensor:
-        """``ZᵀZ`` (``r x r``, float64); stored: accumulated over row chunks (no float64 copy of ``A``)."""
+    def gram(self, chunk_bytes: int = 4 << 20) -> torch.Tensor:
+        """``ZᵀZ`` (``r x r``, float64); stored: accumulated over float64 row chunks of ``chunk_bytes``.
+
+        Small chunks keep the float64 copy to a few MiB: a float32 Gram of a
+        ``P``-long column would lose digits to cancellation, a whole float64 copy
+        would double the factor's memory.
+        """
         if self._zgram is None:
             if self._factor is not None:
                 r = self._factor.shape[1]
+                rows = max(1, chunk_bytes // (8 * max(r, 1)))
                 out = torch.zeros(r, r, dtype=torch.float64, device=self.device)
                 for i in range(0, self._factor.shape[0], rows):
                     block = self._factor[i:i + rows].double()
@@ -144,8 +151,13 @@ class NoiseCovariance(LinearOperator):
                    fixes="use fewer samples or masks, device='cpu' (host memory), or raise max_memory",
                    device=self.device)
 
-    def _eigh(self):
-        if self._eig is None:
+    def _spectrum(self):
+        """``(λ descending, coef [r, rank])`` with ``C = (Z coef) diag(λ) (Z coef)ᵀ``: from the ``r x r`` Gram alone.
+
+        ``Z coef`` has orthonormal columns, the eigenvectors; nothing ``P``-sized is
+        made here, so the eigenvalues cost ``O(r²)`` memory.
+        """
+        if self._spec is None:
             K = self.gram()
             vals, W = torch.linalg.eigh(K)
             vals, W = vals.flip(0), W.flip(1)
@@ -153,7 +165,6 @@ class NoiseCovariance(LinearOperator):
             rank_tol = vals[0] * max(self.shape[0], K.shape[0]) * torch.finfo(self.dtype).eps if vals.numel() else 0.0
             keep = vals > rank_tol
             vals, W = vals[keep], W[:, keep]
-            self._reserve("the eigenvectors", int(vals.numel()))
             coef = W / vals.sqrt()                        # Z coef has orthonormal columns
             if self.weights is not None:
                 # C = (Z coef) S (Z coef)ᵀ with S = Λ^{1/2} Wᵀ diag(w) W Λ^{1/2}; diagonalise S.
@@ -164,9 +175,16 @@ class NoiseCovariance(LinearOperator):
                 sig, U = sig[order], U[:, order]
                 keep = sig.abs() > (sig.abs().max() * K.shape[0] * torch.finfo(self.dtype).eps if sig.numel() else 0.0)
                 vals, coef = sig[keep], coef @ U[:, keep]
+            self._spec = (vals.cpu(), coef)
+        return self._spec
+
+    def _eigh(self):
+        if self._eig is None:
+            vals, coef = self._spectrum()
+            self._reserve("the eigenvectors", int(vals.numel()))
             vecs = self._combine(coef).T  # [rank, P]
-            vecs = vecs / vecs.norm(dim=1, keepdim=True)
-            self._eig = (vals.cpu(), vecs)
+            vecs.div_(vecs.norm(dim=1, keepdim=True))
+            self._eig = (vals, vecs)
         return self._eig
 
     @property
@@ -185,8 +203,8 @@ class NoiseCovariance(LinearOperator):
 
     @property
     def eigenvalues(self) -> torch.Tensor:
-        """Nonzero eigenvalues of ``C``, descending (float64, at most ``r``)."""
-        return self._eigh()[0]
+        """Nonzero eigenvalues of ``C``, descending (float64, at most ``r``); no eigenvectors are made."""
+        return self._spectrum()[0]
 
     @property
     def eigenvectors(self) -> torch.Tensor:
@@ -241,13 +259,15 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     run leaves the file complete, so a rerun makes no pass. A checkpoint from
     another call (model parameters, ``num_masks``, ``masks``, ``seed``, ...) is refused.
 
-    ``max_memory``: bytes the gradients may take on ``device``: the factor
-    ``[P, num_masks]``, one mask's gradient (twice: per parameter and flat) and,
-    when checkpointing, a chunk of masks (and, on a CPU, the saved columns' copy);
-    the chunk of masks per data pass is cut below ``checkpoint_every`` to fit.
-    A factor that cannot fit raises :class:`MemoryError` before any pass; the
-    forward graph of a batch is not counted (smaller batches shrink it).
-    ``None``: only a factor the device cannot hold is refused.
+    ``max_memory``: bytes the computation may take on ``device``: the factor
+    ``[P, num_masks]``, one mask's gradient (twice: per parameter and flat),
+    when checkpointing a chunk of masks (and, on a CPU, the saved columns' copy;
+    the chunk is cut below ``checkpoint_every`` to fit), and what is left for
+    one forward-backward pass: batches are cut into parts whose graph fits,
+    sized from the graph of a few samples (see :meth:`ModelLoss.mask_gradients`;
+    the part size is ``info["manifest"]["samples_per_pass"]``). A factor that
+    cannot fit raises :class:`MemoryError` before any pass. ``None``: only a
+    factor the device cannot hold is refused, and batches stay whole.
     """
     began = time.perf_counter()
     if num_masks < 2:
@@ -256,24 +276,27 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     ml = ModelLoss(model, loader, loss_fn, params=params, dropout="fixed", batchnorm=batchnorm,
                    num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn, progress=progress,
                    mask_seed=seed, masks=masks)
-    G, n, resumed_from, chunk = _mask_gradients_resumable(ml, model, num_masks, checkpoint, checkpoint_every,
+    G, n, resumed_from, chunk, rows = _mask_gradients_resumable(ml, model, num_masks, checkpoint, checkpoint_every,
                                                           max_memory)
     factor, mean = _center(G, ddof=1)
     manifest = run_manifest(device=ml.device, dtype=ml.dtype, seed=seed, wall_time=time.perf_counter() - began,
                             n_matvecs=None, gradient_passes=num_masks, resumed_from=resumed_from,
-                            max_memory=max_memory, masks_per_pass=chunk)
+                            max_memory=max_memory, masks_per_pass=chunk,
+                            samples_per_pass=rows)
     return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks, max_memory=max_memory,
                            info={"masks": masks, "seed": seed, "num_data": n, "manifest": manifest})
 
 
 def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, checkpoint, every: int,
                               max_memory: Optional[int] = None):
-    """``(G [P, num_masks], num_data, masks already done, masks per pass)``.
+    """``(G [P, num_masks], num_data, masks already done, masks per pass, samples per pass)``.
 
     One pass for all masks without ``checkpoint``; with it, chunks of at most
     ``every`` masks per pass (fewer when ``max_memory`` requires), written into one
     preallocated factor, the columns done so far saved after each chunk. Every
     column is the same computation either way, so the results are bit-identical.
+    Under ``max_memory`` the forward-backward graph is sized first (whole batches
+    if they fit, else parts of ``samples per pass``), the chunk of masks from the rest.
     """
     column = ml.num_params * torch.empty((), dtype=ml.dtype).element_size()
     what = (f"the dropout-noise gradient factor [P={ml.num_params:,}, num_masks={num_masks}] ({ml.dtype}) "
@@ -281,12 +304,15 @@ def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, c
     fixes = ("use fewer masks (num_masks), fewer parameters (params=...), device='cpu' (host memory), "
              "or raise max_memory")
     held = column * (num_masks + 2)  # the factor, one mask's per-parameter gradients and their flat copy
-    if checkpoint is None:
-        check_fits(what, held, max_memory, fixes=fixes, device=ml.device)
-        return ml.mask_gradients(range(num_masks)), ml.num_samples, 0, num_masks
-    if ml.device.type == "cpu":
+    if checkpoint is not None and ml.device.type == "cpu":
         held += column * num_masks  # the saved columns are a copy in the same memory
-    chunk = fit_chunk(what + ", when checkpointing, a chunk of masks", per_item=column, fixed=held,
+    least = held if checkpoint is None else held + column  # a checkpointed pass takes at least one mask
+    check_fits(what if checkpoint is None else what + ", when checkpointing, a chunk of masks (one mask)", least,
+               max_memory, fixes=fixes, device=ml.device)
+    rows, graph = _rows_within(ml, max_memory, least, fixes)
+    if checkpoint is None:
+        return ml.mask_gradients(range(num_masks), rows), ml.num_samples, 0, num_masks, rows
+    chunk = fit_chunk(what + ", when checkpointing, a chunk of masks", per_item=column, fixed=held + graph,
                       max_memory=max_memory, limit=every, fixes=fixes, device=ml.device)
     ck = open_checkpoint(checkpoint, "dropout_noise", every, model=model_digest(model), num_masks=num_masks,
                          masks=ml.masks, seed=ml.mask_seed, params=[name for name, _ in ml.named_params],
@@ -302,11 +328,25 @@ def _mask_gradients_resumable(ml: ModelLoss, model: nn.Module, num_masks: int, c
     resumed_from = done
     while done < num_masks:
         stop = min(done + chunk, num_masks)
-        G[:, done:stop] = ml.mask_gradients(range(done, stop))
+        G[:, done:stop] = ml.mask_gradients(range(done, stop), rows)
         done, n = stop, ml.num_samples
         # A copy of the columns done (a view would save the whole storage); the finished factor as it is.
         ck.save({"columns": G[:, :done].to("cpu", copy=done < num_masks), "num_data": n}, complete=done == num_masks)
-    return G, n, resumed_from, chunk
+    return G, n, resumed_from, chunk, rows
+
+
+def _rows_within(ml: ModelLoss, max_memory: Optional[int], held: int, fixes: str) -> Tuple[Optional[int], int]:
+    """``(samples per pass or None for whole batches, bytes of that pass)`` within ``max_memory - held``.
+
+    ``None, 0`` without a budget, and under ``batchnorm="batch"`` (whose batches cannot be cut).
+    """
+    if max_memory is None or ml.batchnorm == "batch":
+        return None, 0
+    per_sample, first = ml.graph_bytes(mask_index=0)
+    check_fits(f"one sample's forward-backward pass (about {per_sample:,} bytes) beside the gradients",
+               held + per_sample, max_memory, fixes=fixes, device=ml.device)
+    rows = min(first, (max_memory - held) // per_sample)
+    return (None if rows == first else rows), rows * per_sample
 
 
 def sgd_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None, *,

@@ -72,7 +72,7 @@ def warn_fallback(name: str, where: Optional[str] = None) -> None:
 class Node:
     """One recorded call: ``outputs = func(*args, **kwargs)`` with some inputs depending on the parameters."""
 
-    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name", "where", "compute")
+    __slots__ = ("func", "rule", "leaves", "spec", "live", "outputs", "ctx", "name", "where", "twin", "adjoint_live")
 
     def __init__(self, func, rule, leaves, spec, live, outputs, name, where=None):
         self.func, self.rule, self.leaves, self.spec = func, rule, leaves, spec
@@ -81,7 +81,15 @@ class Node:
         self.ctx: dict = {}         # a rule's per-node cache (e.g. a dropout mask)
         self.name = name
         self.where = where          # the innermost module whose forward made the call, for messages
-        self.compute: Node = self   # the call as its rule sees it: floating values in the op's dtype
+        # No reference to itself: a cycle would keep every recorded activation alive until the cyclic
+        # garbage collector ran (measured: +600 MB of resident memory per unretained ResNet-20 product).
+        self.twin: Optional[Node] = None        # see compute
+        self.adjoint_live: Optional[List[int]] = None  # see Tape.prepare; None: all of live
+
+    @property
+    def compute(self) -> "Node":
+        """The call as its rule sees it: floating values in the op's dtype (a cast twin, or the node itself)."""
+        return self if self.twin is None else self.twin
 
     @property
     def inputs(self) -> List[torch.Tensor]:
@@ -122,8 +130,9 @@ class Tape:
     ``params`` are the differentiated leaves (their tangents are the rows of
     the directions), ``loss`` the scalar the products differentiate. The
     primal adjoints (``g``, the gradient of the loss with respect to every
-    recorded tensor) are computed by the first product and kept, so that
-    later products on the same tape cost only the tangent sweeps.
+    recorded activation; the parameters' own gradient is never needed) are
+    computed by the first product and kept, so that later products on the
+    same tape cost only the tangent sweeps.
     """
 
     def __init__(self, params: Sequence[torch.Tensor]):
@@ -158,7 +167,7 @@ class Tape:
                 if t is not None:
                     T[id(o)] = _cast(t, o)
         first = self.adjoints is None
-        g: Dict[int, torch.Tensor] = {} if first else self.adjoints
+        g: Dict[int, torch.Tensor] = {} if first else self.adjoints  # adjoints of activations only
         Rg: Dict[int, torch.Tensor] = {}
         if first:
             g[id(self.loss)] = torch.ones_like(self.loss)
@@ -170,9 +179,11 @@ class Tape:
             t_in = [T.get(id(x)) for x in node.inputs]
             run = node.compute
             g_out = _casts(g_out, run.outputs)
-            if first:
-                for x, gi in zip(node.inputs, node.rule.vjp(run, g_out)):
-                    _accumulate(g, x, gi)
+            if first and node.adjoint_live != []:
+                adj = run if node.adjoint_live is None else Node(
+                    run.func, run.rule, run.leaves, run.spec, node.adjoint_live, run.outputs, run.name, run.where)
+                for i, gi in zip(adj.live, adj.rule.vjp(adj, g_out)):
+                    _accumulate(g, node.leaves[i], gi)
             if all(r is None for r in Rg_out) and all(t is None for t in t_in):
                 continue
             try:
@@ -183,12 +194,6 @@ class Tape:
                 raise type(e)(f"{e} [in the R-operator rule for {node.name}]") from e
         self.adjoints = g
         return [None if id(p) not in Rg else Rg[id(p)] * loss_weight for p in self.params]
-
-    def gradient(self) -> List[Optional[torch.Tensor]]:
-        """The loss's gradient with respect to each parameter (after a product has run)."""
-        if self.adjoints is None:
-            raise RuntimeError("no product has run on this tape yet")
-        return [self.adjoints.get(id(p)) for p in self.params]
 
     def nbytes(self) -> int:
         """Memory the tape keeps alive (recorded outputs and the adjoints, plus cast copies; upper bound)."""
@@ -202,7 +207,9 @@ class Tape:
         return 2 * total + copies  # adjoints are as large as the outputs they belong to
 
     def prepare(self) -> None:
-        """Give every node whose floating values differ in dtype from its output a :attr:`Node.compute` twin.
+        """Give every node whose floating values differ in dtype from its output a :attr:`Node.compute` twin,
+        and every node its :attr:`Node.adjoint_live`: the live inputs without the parameters, the only
+        ones the primal backward differentiates (``[]``: none, ``None``: all).
 
         The twin's floating leaves and outputs are cast to the output's dtype (the
         dtype the op computed in, autocast's choice), one copy per tensor and
@@ -215,7 +222,14 @@ class Tape:
                 continue
             twin = Node(node.func, node.rule, [self._cast(x, dtype) for x in node.leaves], node.spec, node.live,
                         [self._cast(o, dtype) for o in node.outputs], node.name, node.where)
-            node.compute = twin
+            node.twin = twin
+        # The products need the primal adjoints of activations only (R-backward reads g at node outputs), never
+        # the loss's gradient in the parameters: drop them from each node's primal backward, which saves a
+        # weight-gradient GEMM or convolution per layer and per batch (a third of a gradient pass's backward).
+        params = {id(p) for p in self.params}
+        for node in self.nodes:
+            keep = [i for i in node.live if id(node.leaves[i]) not in params]
+            node.adjoint_live = None if len(keep) == len(node.live) else keep
 
     def _cast(self, x, dtype: torch.dtype):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype:
