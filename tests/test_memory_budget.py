@@ -128,24 +128,25 @@ def test_dropout_noise_budget_picks_masks_per_pass_with_identical_results(fresh_
     helpful(err, "a chunk of masks")
 
 
-@pytest.mark.parametrize("family", ["mlp-relu", "cnn"])
-def test_dropout_noise_budget_cuts_batches_with_the_same_covariance(family, fresh_seed):
+@pytest.mark.parametrize("family, masks", [("mlp-relu", "per_sample"), ("cnn", "shared"),
+                                           ("transformer", "per_sample")])
+def test_dropout_noise_budget_cuts_batches_with_the_same_covariance(family, masks, fresh_seed):
     # Masks follow the global sample index, so cutting a batch into parts changes only the summation order.
     model, batches = make_case(family, fresh_seed, n=40, batch=16)
     P, M = sum(p.numel() for p in model.parameters()), 6
-    ref = dropflat.dropout_noise(model, batches, num_masks=M, seed=2)
+    ref = dropflat.dropout_noise(model, batches, num_masks=M, seed=2, masks=masks)
     assert ref.info["manifest"]["samples_per_pass"] is None
-    per_sample, first = ModelLoss(model, batches, dropout="fixed", mask_seed=2).graph_bytes(mask_index=0)
+    per_sample, first = ModelLoss(model, batches, dropout="fixed", mask_seed=2, masks=masks).graph_bytes(mask_index=0)
     assert per_sample > 0 and first == 16
     held = P * F64 * (M + 2)  # the factor and one mask's gradients twice
-    got = dropflat.dropout_noise(model, batches, num_masks=M, seed=2, max_memory=held + 5 * per_sample)
+    got = dropflat.dropout_noise(model, batches, num_masks=M, seed=2, masks=masks, max_memory=held + 5 * per_sample)
     assert got.info["manifest"]["samples_per_pass"] == 5
     # float64: the parts' sums differ from the whole batch's by reordering alone (~1e-16 relative per term).
     scale = float(ref.factor.abs().max())
     torch.testing.assert_close(got.factor, ref.factor, rtol=0, atol=1e-12 * scale)
     torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=1e-14 * float(ref.eigenvalues[0]))
     with pytest.raises(MemoryError) as err:
-        dropflat.dropout_noise(model, batches, num_masks=M, seed=2, max_memory=held + per_sample // 2)
+        dropflat.dropout_noise(model, batches, num_masks=M, seed=2, masks=masks, max_memory=held + per_sample // 2)
     helpful(err, "one sample's forward-backward pass", "max_memory")
 
 
