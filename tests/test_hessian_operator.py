@@ -157,6 +157,30 @@ def test_retained_graphs_give_same_products(budget, fresh_seed):
     assert calls["n"] == len(loader)
 
 
+def test_retained_graphs_stay_within_the_operators_max_memory(fresh_seed):
+    model, loader = make_case("cnn", fresh_seed)
+    calls = {"n": 0}
+
+    def counting_loss(out, y):
+        calls["n"] += 1
+        return F.cross_entropy(out, y)
+
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    roomy = dropflat.HessianOperator(model, loader, counting_loss)
+    with roomy.retained():
+        ref = roomy @ V
+        sizes = [g.saved_bytes for g in roomy._cache.graphs]
+    assert len(sizes) == len(loader) >= 2
+    # Room for one batch's product, not for every batch's graph at once: nothing is retained.
+    tight = dropflat.HessianOperator(model, loader, counting_loss, max_memory=max(sizes) + 1)
+    with tight.retained():
+        first = tight @ V
+        calls["n"] = 0
+        second = tight @ V
+    assert calls["n"] == len(loader)
+    assert rel(first, ref) < 1e-12 and rel(second, ref) < 1e-12
+
+
 def test_mean_loss_is_the_sample_weighted_mean(fresh_seed):
     from dropflat.model_loss import ModelLoss
 

@@ -215,15 +215,18 @@ class HessianOperator(LinearOperator):
 
         Products inside the context then cost only the second backward pass per
         vector. The graphs stay alive until the context exits; if they would
-        exceed ``max_memory`` bytes (default: a quarter of the free memory of
-        the device), retention stops and products go on without it.
+        exceed ``max_memory`` bytes (default: the operator's ``max_memory`` if it
+        has one, else a quarter of the free memory of the device), retention
+        stops and products go on without it.
         The loader must yield the same data on every pass (no shuffling or augmentation).
         Nested contexts share the outermost one's graphs.
         """
         if self._cache is not None:
             yield self
             return
-        self._cache = _GraphCache(max_memory if max_memory is not None else _default_budget(self.device))
+        if max_memory is None:
+            max_memory = self.max_memory if self.max_memory is not None else _default_budget(self.device)
+        self._cache = _GraphCache(max_memory)
         try:
             yield self
         finally:
