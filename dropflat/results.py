@@ -37,6 +37,12 @@ def run_manifest(*, device=None, dtype=None, seed=None, wall_time: Optional[floa
             "seed": seed, "wall_time_s": wall_time, "n_matvecs": n_matvecs, **extra}
 
 
+def autocast_of(op) -> Optional[str]:
+    """The autocast dtype an operator's products run under, for a manifest (``None``: full precision)."""
+    dtype = getattr(op, "autocast", None)
+    return None if dtype is None else str(dtype)
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().tolist()

@@ -207,3 +207,8 @@ def test_autocast_dtype_recorded_in_the_manifest():
     est = dropflat.hessian_trace(op, num_matvecs=6)
     assert est.manifest["autocast"] == "torch.bfloat16" and est.manifest["dtype"] == "torch.float32"
     assert dropflat.hessian_trace(model, loader, num_matvecs=3).manifest["autocast"] is None
+    for method in ("single", "block"):
+        spec = dropflat.lanczos(op, k=1, method=method, max_iter=6, tol=1e-1)
+        assert spec.manifest["autocast"] == "torch.bfloat16", method
+    assert dropflat.spectral_density(op, num_runs=1, num_steps=3).manifest["autocast"] == "torch.bfloat16"
+    assert dropflat.lanczos(model, loader, k=1, max_iter=6, tol=1e-1).manifest["autocast"] is None

@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import open_checkpoint, operator_fingerprint
 from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Density, run_manifest
+from ..results import Density, autocast_of, run_manifest
 from .krylov import KrylovBasis, random_vectors
 from .storage import BasisStore, basis_layout, check_basis_memory
 
@@ -138,5 +138,6 @@ def spectral_density(model_or_op, loader: Optional[Iterable] = None, *, loss_fn:
     out = Density(nodes=torch.from_numpy(nodes), weights=torch.from_numpy(weights), grid=torch.from_numpy(grid),
                   density=torch.from_numpy(density), sigma=width, n_matvecs=n_matvecs)
     out.manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed, wall_time=time.perf_counter() - began,
-                                n_matvecs=n_matvecs, resumed_from=resumed_from, basis=layout.describe())
+                                n_matvecs=n_matvecs, resumed_from=resumed_from, basis=layout.describe(),
+                                autocast=autocast_of(op))
     return out

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import open_checkpoint, operator_fingerprint
 from ..operators import operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Spectrum, run_manifest
+from ..results import Spectrum, autocast_of, run_manifest
 from .krylov import KrylovBasis, random_vectors
 from .storage import BasisStore, basis_layout, check_basis_memory, check_storage_options
 
@@ -240,7 +240,7 @@ def _spectrum(final: dict, which: str, tol: float, k: int, eigenvectors: bool, o
                     residuals=final["residuals"], converged=converged, n_matvecs=n_matvecs, which=which, tol=tol)
     spec.manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed,
                                  wall_time=time.perf_counter() - began, n_matvecs=n_matvecs,
-                                 resumed_from=resumed_from)
+                                 resumed_from=resumed_from, autocast=autocast_of(op))
     if basis is not None:
         spec.manifest["basis"] = basis
     return spec

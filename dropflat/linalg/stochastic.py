@@ -35,7 +35,7 @@ from torch import nn
 from ..memory import check_budget, check_fits, fit_chunk
 from ..operators import as_operator, operator_for, reuse_passes
 from ..progress import progress_bar, resolve_progress
-from ..results import Estimate, run_manifest
+from ..results import Estimate, autocast_of, run_manifest
 from .krylov import orthonormalize_against, random_vectors
 
 __all__ = ["hessian_trace", "frobenius_norm", "trace_and_frobenius"]
@@ -141,9 +141,8 @@ def _estimate(op, method: str, num_matvecs: int, seed: int, chunk: int, progress
         est.manifest = manifest
         return est
 
-    autocast = getattr(op, "autocast", None)
     manifest = run_manifest(device=op.device, dtype=op.dtype, seed=seed, wall_time=time.perf_counter() - start,
-                            n_matvecs=num_matvecs, autocast=None if autocast is None else str(autocast),
+                            n_matvecs=num_matvecs, autocast=autocast_of(op),
                             max_memory=max_memory, chunk=chunk)
     return estimate(exact[0], samples[0]), estimate(exact[1], samples[1])
 
