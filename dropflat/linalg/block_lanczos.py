@@ -61,7 +61,7 @@ from ..operators import as_operator, reuse_passes
 from ..progress import progress_bar, resolve_progress
 from ..results import Spectrum
 from .krylov import orthonormalize_against, random_vectors
-from .lanczos import WHICH, _checked_pairs, _order, _spectrum, _thresholds
+from .lanczos import WHICH, _checked_pairs, _restart, _ritz_step, _spectrum
 from .storage import BasisLayout, check_basis_memory
 
 __all__ = ["BlockKrylovBasis", "block_lanczos", "default_block_size"]
@@ -352,16 +352,12 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, which: s
             before = basis.n_matvecs
             basis.expand()
             bar.update(basis.n_matvecs - before)
-            theta, Y, resid = basis.ritz()
-            wanted = _order(theta, which)[:k]
-            done = resid[wanted] <= _thresholds(theta, tol, op.dtype)[wanted]
-            bar.set_postfix_str(f"converged {int(done.sum())}/{k}")
+            theta, Y, wanted, done = _ritz_step(basis, which, k, tol, op.dtype, bar)
             if ((basis.m >= k and done.all()) or basis.exhausted or basis.width == 0
                     or basis.n_matvecs + basis.width > max_iter):
                 break
             if basis.full:
-                chosen = _order(theta, which)[:keep]
-                basis.restart(theta[chosen], Y[:, chosen])
+                _restart(basis, theta, Y, which, keep)
             if ck is not None and ck.due(basis.n_calls):  # end of a step: resuming re-enters the loop here
                 ck.save({"basis": basis.state_dict()})
 

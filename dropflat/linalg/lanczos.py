@@ -178,15 +178,11 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
         while True:
             basis.expand()
             bar.update(1)
-            theta, Y, resid = basis.ritz()
-            wanted = _order(theta, which)[:k]
-            done = resid[wanted] <= _thresholds(theta, tol, op.dtype)[wanted]
-            bar.set_postfix_str(f"converged {int(done.sum())}/{k}")
+            theta, Y, wanted, done = _ritz_step(basis, which, k, tol, op.dtype, bar)
             if (basis.m >= k and done.all()) or basis.exhausted or basis.n_matvecs >= max_iter:
                 break
             if basis.m == basis.size:
-                chosen = _order(theta, which)[:keep]
-                basis.restart(theta[chosen], Y[:, chosen])
+                _restart(basis, theta, Y, which, keep)
             if ck is not None and ck.due(basis.n_matvecs):  # end of a step: resuming re-enters the loop here
                 ck.save({"basis": basis.state_dict()})
 
@@ -209,6 +205,21 @@ def _storage_options(op, basis_device: str, basis_dtype: Optional[torch.dtype], 
     if shard_vectors:
         chosen.append("shard_vectors=True")
     return chosen
+
+
+def _ritz_step(basis, which: str, k: int, tol: float, dtype: torch.dtype, bar):
+    """``(θ, Y, wanted, done)``: the basis's Ritz pairs, the ``k`` wanted ones and which of those converged."""
+    theta, Y, resid = basis.ritz()
+    wanted = _order(theta, which)[:k]
+    done = resid[wanted] <= _thresholds(theta, tol, dtype)[wanted]
+    bar.set_postfix_str(f"converged {int(done.sum())}/{k}")
+    return theta, Y, wanted, done
+
+
+def _restart(basis, theta: np.ndarray, Y: np.ndarray, which: str, keep: int) -> None:
+    """Thick restart: keep the ``keep`` Ritz vectors first in ``which`` order."""
+    chosen = _order(theta, which)[:keep]
+    basis.restart(theta[chosen], Y[:, chosen])
 
 
 def _checked_pairs(op, basis, theta: np.ndarray, Y: np.ndarray, wanted: np.ndarray, tol: float) -> dict:
