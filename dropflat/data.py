@@ -15,7 +15,7 @@ import torch
 
 from .distributed import owns
 
-__all__ = ["Batch", "iterate_batches", "call_model", "move", "split_batch"]
+__all__ = ["Batch", "iterate_batches", "call_model", "map_tensors", "move", "split_batch"]
 
 
 @dataclass
@@ -49,16 +49,23 @@ def _sample_count(targets) -> int:
     raise TypeError(f"cannot count the samples in targets of type {type(targets).__name__}")
 
 
+def map_tensors(fn: Callable, obj):
+    """``obj`` with ``fn`` applied to every tensor in it, through dicts, tuples and lists (other leaves kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
 def move(obj, device: Optional[torch.device], dtype: Optional[torch.dtype]):
     """Recursively move tensors to ``device``; floating tensors are also cast to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        cast = dtype if (dtype is not None and obj.is_floating_point()) else None
-        return obj.to(device=device, dtype=cast) if (device is not None or cast is not None) else obj
-    if isinstance(obj, dict):
-        return {k: move(v, device, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move(v, device, dtype) for v in obj)
-    return obj
+    def one(t):
+        cast = dtype if (dtype is not None and t.is_floating_point()) else None
+        return t.to(device=device, dtype=cast) if (device is not None or cast is not None) else t
+    return map_tensors(one, obj)
 
 
 def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
@@ -94,17 +101,6 @@ def iterate_batches(loader: Iterable, batch_fn: Optional[Callable] = None, num_b
         raise ValueError("the loader yielded no samples; pass a loader with at least one non-empty batch")
 
 
-def _rows(obj, size: int, start: int, stop: int):
-    """``obj`` with every tensor whose first dimension is ``size`` cut to rows ``start:stop`` (others kept whole)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.ndim and obj.shape[0] == size else obj
-    if isinstance(obj, dict):
-        return {k: _rows(v, size, start, stop) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(v, size, start, stop) for v in obj)
-    return obj
-
-
 def split_batch(batch: Batch, rows: int) -> Iterator[Batch]:
     """``batch`` as consecutive batches of at most ``rows`` samples, with their global offsets.
 
@@ -122,8 +118,9 @@ def split_batch(batch: Batch, rows: int) -> Iterator[Batch]:
         raise ValueError(f"rows must be >= 1, got {rows}")
     for start in range(0, batch.size, rows):
         stop = min(start + rows, batch.size)
-        yield Batch(batch.index, _rows(batch.inputs, batch.size, start, stop),
-                    _rows(batch.targets, batch.size, start, stop), stop - start, batch.offset + start)
+        cut = lambda t, part=slice(start, stop): t[part] if t.ndim and t.shape[0] == batch.size else t  # noqa: E731
+        yield Batch(batch.index, map_tensors(cut, batch.inputs), map_tensors(cut, batch.targets), stop - start,
+                    batch.offset + start)
 
 
 def call_model(model: Callable, inputs):

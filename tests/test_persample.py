@@ -27,7 +27,7 @@ from dropflat.kernels import gram as kg
 from dropflat.noise import PerSampleGradients, noise_decomposition, sgd_noise
 from dropflat.noise.persample import choose_path, path_costs
 
-from families import SmallCNN, assert_untouched, snapshot
+from families import SmallCNN, assert_untouched, randomize_batchnorm, snapshot
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -110,12 +110,7 @@ def make(family, seed, n=9, batch=4, dtype=torch.float64):
     elif family == "seq":
         model, X = Seq(), torch.randint(0, 9, (n, 5), generator=g)
     elif family == "bn":
-        model, X = SmallCNN(), torch.randn(n, 2, 4, 4, generator=g)
-        with torch.no_grad():
-            for bn in (model.bn1, model.bn2):
-                bn.running_mean.uniform_(-0.5, 0.5, generator=g)
-                bn.running_var.uniform_(0.5, 2.0, generator=g)
-                bn.weight.uniform_(0.5, 1.5, generator=g)
+        model, X = randomize_batchnorm(SmallCNN(), g), torch.randn(n, 2, 4, 4, generator=g)
     else:
         raise ValueError(family)
     model = model.to(dtype)

@@ -264,7 +264,7 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     when checkpointing a chunk of masks (and, on a CPU, the saved columns' copy;
     the chunk is cut below ``checkpoint_every`` to fit), and what is left for
     one forward-backward pass: batches are cut into parts whose graph fits,
-    sized from the graph of a few samples (see :meth:`ModelLoss.mask_gradients`;
+    sized from the graph of a few samples (see :meth:`ModelLoss.graph_bytes`;
     the part size is ``info["manifest"]["samples_per_pass"]``). A factor that
     cannot fit raises :class:`MemoryError` before any pass. ``None``: only a
     factor the device cannot hold is refused, and batches stay whole.
@@ -281,8 +281,7 @@ def dropout_noise(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable
     factor, mean = _center(G, ddof=1)
     manifest = run_manifest(device=ml.device, dtype=ml.dtype, seed=seed, wall_time=time.perf_counter() - began,
                             n_matvecs=None, gradient_passes=num_masks, resumed_from=resumed_from,
-                            max_memory=max_memory, masks_per_pass=chunk,
-                            samples_per_pass=rows)
+                            max_memory=max_memory, masks_per_pass=chunk, samples_per_pass=rows)
     return NoiseCovariance(factor, mean, kind="dropout", num_samples=num_masks, max_memory=max_memory,
                            info={"masks": masks, "seed": seed, "num_data": n, "manifest": manifest})
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..data import call_model
+from ..data import call_model, map_tensors
 from ..dropout.masks import keep_mask, mask_key
 from ..dropout.takeover import MaskSource, replay_dropout
 from ..kernels.gram import (
@@ -321,16 +321,6 @@ class _SampleMasks(MaskSource):
         ndim = x.dim() if mask_ndim is None else int(mask_ndim)
         keep = self.keep(x.shape[:ndim], q, x.device)
         return x * keep.reshape(*keep.shape, *([1] * (x.dim() - ndim))).to(x.dtype) * (1.0 / (1.0 - q))
-
-
-def _tree_map(fn, obj):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _tree_map(fn, v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_tree_map(fn, v) for v in obj)
-    return obj
 
 
 def _rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -726,7 +716,7 @@ class PerSampleGradients:
         ml, B = self._ml, batch.size
 
         def one(params, x, y, index):
-            x1, y1 = _tree_map(lambda t: t.unsqueeze(0), x), _tree_map(lambda t: t.unsqueeze(0), y)
+            x1, y1 = map_tensors(lambda t: t.unsqueeze(0), x), map_tensors(lambda t: t.unsqueeze(0), y)
             st = {**base, **params}
             fwd = lambda *a, **k: functional_call(self.model, st, a, k)  # noqa: E731
             if mask is None:

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..memory import check_budget, fit_chunk
+from ..memory import check_budget, fit_chunk, saved_bytes
 from ..memory import default_budget as _default_budget
 from ..model_loss import ModelLoss, flat_grads
 from ..params import ParamSpec, unflatten
@@ -159,19 +159,15 @@ class HessianOperator(LinearOperator):
             tape = record([detached[id(t)] for t in leaves],
                           lambda: self.loss.batch_loss(plain, batch, mask_index), rule_for, model=self.loss.model)
             return _Retained(weight, tape, None, [], tape.nbytes())
-        saved = [0]
-
-        def pack(t):  # count what the graph keeps alive (views counted in full: an upper bound)
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
-        with hooks:
+        def first_order():
             loss = self.loss.batch_loss(state, batch, mask_index)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            return torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+
+        # Count what the graph keeps alive (the parameters exist anyway).
+        grads, saved = saved_bytes(first_order, exclude=leaves) if measure else (first_order(), 0)
         # Parameters whose gradient is constant (or absent) contribute no curvature.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return _Retained(weight, leaves, grads, live, saved[0])
+        return _Retained(weight, leaves, grads, live, saved)
 
     def _products(self, graph: "_Retained", tangents, out: torch.Tensor, keep: bool) -> None:
         """Accumulate ``weight * H_batch @ V`` on one batch's retained pass."""
