@@ -202,8 +202,12 @@ def test_bfloat16_basis_on_a_model_hessian(fresh_seed):
     spec = dropflat.lanczos(model, loader, k=k, tol=tol, seed=fresh_seed, basis_dtype=torch.bfloat16)
     gaps = np.array([np.abs(np.delete(w, i) - w[i]).min() for i in range(k)])
     r = spec.residuals.numpy()
-    assert bool(spec.converged.all())
+    # Whatever converged, a Ritz value is within min(r, r²/gap) of its eigenvalue (Bauer-Fike, Kato-Temple).
     assert np.all(np.abs(spec.eigenvalues.numpy() - w[:k]) <= np.minimum(r, r ** 2 / gaps) + 1e-12)
+    # A bfloat16 basis floors residuals near 2^-8 ||A - λ|| ≤ 2^-8 (λ_max - λ_min) (README): convergence is owed
+    # only where tol |λ| clears that bound (seed 501140612: tol |λ_3| = 2.78e-3, residual 2.78e-3, not owed).
+    owed = tol * np.abs(w[:k]) >= 2.0 ** -8 * (w[0] - w[-1])
+    assert bool(spec.converged.numpy()[owed].all())
 
 
 def test_float32_basis_for_a_float64_operator(fresh_seed):
