@@ -167,3 +167,16 @@ def test_lanczos_method_choice_and_errors():
         dropflat.lanczos(op, k=2, method="lobpcg")
     with pytest.raises(ValueError, match="block_size"):
         dropflat.lanczos(op, k=2, method="single", block_size=2)
+
+
+@pytest.mark.parametrize("seed", [1894985470, 2761864575])
+def test_lanczos_does_not_stop_before_a_full_basis(seed):
+    # Regression, fixed seeds: at tol 1e-2 these runs stopped after 16 products with λ_4 converged in place of
+    # λ_3 (the start vector barely touched λ_3's eigenvector). ARPACK's rule, a full first basis before any
+    # convergence is accepted, finds it.
+    model, loader = make_case("mlp-gelu", seed)
+    w = np.linalg.eigvalsh(dense_hessian(model, loader).numpy())[::-1]
+    spec = dropflat.lanczos(model, loader, k=3, tol=1e-2, seed=seed)
+    assert spec.n_matvecs >= 23  # ncv = max(2k + 1, k + 20)
+    r = spec.residuals.numpy()
+    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:3]) <= r + 1e-12)
