@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from dropflat.model_loss import ModelLoss
 
 Tensor = torch.Tensor
-D_IN, D_H, N_CLS = 6, 7, 3
+D_IN, D_H, N_CLS = 4, 5, 3
 SIZES = (5, 4)  # two uneven batches: the size-weighted mean must count them right
 
 
@@ -148,7 +148,7 @@ class ScaledTanh(torch.autograd.Function):
 def _softmax_dim1(self, x):
     h = self.lin(x).view(x.shape[0], 1, D_H).expand(-1, 2, -1)[:, :, :4] * torch.tensor([[1.0], [-0.5]],
                                                                                            dtype=x.dtype)
-    return F.softmax(h, dim=1).flatten(1)  # [B, 2, 4] -> softmax over the middle axis
+    return F.softmax(h, dim=1).flatten(1)[:, :D_H]  # [B, 2, 4]: softmax over the middle axis
 
 
 def _log_softmax_dim0(self, x):
@@ -170,37 +170,42 @@ def _custom_new(self, x):
 def _inplace_views(self, x):
     h = self.lin(x)
     h[:, :3].mul_(2.0)
-    h[:, 4:].add_(x[:, :2] ** 2)
-    return torch.tanh(h)
+    h[:, 3:].add_(x[:, :2] ** 2)
+    early = h[:, 1:]  # a view taken before the next write, read after it
+    h[:, 2:4].mul_(torch.sigmoid(h[:, :2]))
+    return torch.tanh(h) + early.sum(1, keepdim=True)
 
 
 def _inplace_activation(self, x):
     h = self.lin(x)
-    h.tanh_()
-    h += 0.5 * h ** 2
-    return F.relu(h, inplace=True)
+    h.mul_(1.5)
+    h += 0.5
+    t = torch.sigmoid(h)
+    F.relu(h, inplace=True)
+    return h * t
 
 
 def _copy_into_buffer(self, x):
-    buf = x.new_zeros(x.shape[0], D_H)
-    buf[:, :4].copy_(torch.tanh(self.lin(x))[:, :4])
-    buf[:, 5:].fill_(0.3)
-    return buf * torch.sigmoid(buf)
+    buf = x.new_zeros(x.shape[0], D_H + 1)
+    buf[:, :3].copy_(torch.tanh(self.lin(x))[:, :3])
+    buf[:, 4:].fill_(0.3)
+    return buf[:, 1:] * torch.sigmoid(buf[:, :-1])
 
 
 def _zero_and_setitem(self, x):
-    h = torch.tanh(self.lin(x)).clone()
+    u = torch.tanh(self.lin(x))
+    h = u.clone()
     h[:, 0].zero_()
-    h[:, 1] = h[:, 2] * h[:, 3]
-    return h
+    h[:, 1] = u[:, 2] * u[:, 3]
+    return h * u
 
 
 def _batched_matmul_param(self, x):
-    return torch.tanh(self.lin(x)).view(x.shape[0], 1, D_H) @ self.w  # [B, 1, 7] @ [7, 5]
+    return (torch.tanh(self.lin(x)).view(x.shape[0], 1, D_H) @ self.w).squeeze(1)  # [B, 1, 5] @ [5, 5]
 
 
 def _param_matmul_batched(self, x):
-    h = torch.tanh(self.lin(x)).view(x.shape[0], D_H, 1)  # [5, 7] @ [B, 7, 1]
+    h = torch.tanh(self.lin(x)).view(x.shape[0], D_H, 1)  # [5, 5] @ [B, 5, 1]
     return (self.w.T @ h).squeeze(-1)
 
 
@@ -211,7 +216,7 @@ def _batched_matmul_batched(self, x):
 
 
 def _broadcast_batch_matmul(self, x):
-    h = torch.tanh(self.lin(x)).view(x.shape[0], 1, 1, D_H)  # [B, 1, 1, 7] @ [2, 7, 5] -> [B, 2, 1, 5]
+    h = torch.tanh(self.lin(x)).view(x.shape[0], 1, 1, D_H)  # [B, 1, 1, 5] @ [2, 5, 5] -> [B, 2, 1, 5]
     return (h @ self.w3).flatten(1)[:, :D_H]
 
 
@@ -245,10 +250,10 @@ def _cumsum(self, x):
 
 def _gather_index(self, x):
     h = torch.tanh(self.lin(x))
-    idx = torch.tensor([[3, 1, 4, 1, 5, 0, 2]]).expand(x.shape[0], -1)
+    idx = torch.tensor([[3, 1, 4, 1, 0]]).expand(x.shape[0], -1)
     g = torch.gather(h, 1, idx)
-    s = torch.index_select(h, 1, torch.tensor([6, 0, 2, 2, 1, 3, 5]))
-    return g * s + h[:, [1, 1, 0, 4, 5, 6, 3]] ** 2
+    s = torch.index_select(h, 1, torch.tensor([4, 0, 2, 2, 1]))
+    return g * s + h[:, [1, 1, 0, 4, 3]] ** 2
 
 
 def _einsum(self, x):
@@ -289,9 +294,9 @@ def _sdpa(mask_kind: str):
     def fn(self, x):
         B = x.shape[0]
         h = self.lin(x).view(B, 1, D_H)
-        seq = torch.cat([h, torch.tanh(h), h ** 2, torch.sin(h)], 1)  # [B, 4, 7]
-        q, k, v = self.q(seq), self.k(seq), self.v(seq)  # [B, 4, 6] -> 2 heads of 3
-        q, k, v = (t.view(B, 4, 2, 3).transpose(1, 2) for t in (q, k, v))
+        seq = torch.cat([h, torch.tanh(h), h ** 2, torch.sin(h)], 1)  # [B, 4, 5]
+        q, k, v = self.q(seq), self.k(seq), self.v(seq)  # [B, 4, 4] -> 2 heads of 2
+        q, k, v = (t.view(B, 4, 2, 2).transpose(1, 2) for t in (q, k, v))
         mask, causal = None, False
         if mask_kind == "causal":
             causal = True
@@ -307,21 +312,21 @@ def _sdpa(mask_kind: str):
             mask[0, 0] = -1.5
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=0.2 if
                                              self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, 4, 6).mean(1)[:, :D_H - 1].sum(-1, keepdim=True) + h.squeeze(1)
+        return out.transpose(1, 2).reshape(B, 4, 4).mean(1).sum(-1, keepdim=True) + h.squeeze(1)
     return fn
 
 
 class MHAModel(nn.Module):
     def __init__(self, mask_kind: str):
         super().__init__()
-        self.lin = nn.Linear(D_IN, 8)
-        self.mha = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
-        self.out = nn.Linear(8, N_CLS)
+        self.lin = nn.Linear(D_IN, 4)
+        self.mha = nn.MultiheadAttention(4, 2, dropout=0.2, batch_first=True)
+        self.out = nn.Linear(4, N_CLS)
         self.mask_kind = mask_kind
 
     def forward(self, x):
         B = x.shape[0]
-        h = self.lin(x).view(B, 1, 8)
+        h = self.lin(x).view(B, 1, 4)
         seq = torch.cat([h, torch.tanh(h), h ** 2], 1)
         kpm = None
         attn_mask = None
@@ -368,7 +373,7 @@ def conv_case(name, seed, dims=2, groups=1, pool="max", norm="none", drop="plain
 class TiedLM(nn.Module):
     """An embedding whose table is also the output layer (``h @ emb.weight.T`` on 3-D ``h``)."""
 
-    def __init__(self, vocab=11, d=6, bag: bool = False):
+    def __init__(self, vocab=7, d=4, bag: bool = False):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.mix = nn.Linear(d, d)
@@ -388,9 +393,24 @@ def _lm_loss(out, y):
 
 def tied_case(name, seed, bag=False) -> Case:
     model = _init(TiedLM(bag=bag), seed)
-    data = _batches(lambda n, g: torch.randint(0, 11, (n, 5), generator=g),
-                    lambda n, g: torch.randint(0, 11, (n, 5), generator=g), seed + 1)
-    return Case(name, model, data, _lm_loss)
+    data = _batches(lambda n, g: torch.randint(0, 7, (n, 4), generator=g),
+                    lambda n, g: torch.randint(0, 7, (n, 4), generator=g), seed + 1)
+    reference = None
+    if bag:  # autograd has no double backward for embedding_bag: the same bag, written with embedding + mean
+        reference = copy.deepcopy(model)
+        reference.bag = BagAsEmbedding(reference.bag)
+    return Case(name, model, data, _lm_loss, reference_model=reference)
+
+
+class BagAsEmbedding(nn.Module):
+    """``EmbeddingBag(mode="mean")`` on a 2-D index tensor, as an embedding lookup and a mean."""
+
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        self.weight = bag.weight
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight).mean(1)
 
 
 class Checkpointed(nn.Module):
@@ -513,7 +533,7 @@ def _with_loss(case: Case, loss_fn) -> Case:
 
 
 def _qkv():
-    return {"q": nn.Linear(D_H, 6), "k": nn.Linear(D_H, 6), "v": nn.Linear(D_H, 6)}
+    return {"q": nn.Linear(D_H, 4), "k": nn.Linear(D_H, 4), "v": nn.Linear(D_H, 4)}
 
 
 def build(name: str, seed: int = 0) -> Case:
@@ -640,6 +660,8 @@ def reference_products(case: Case, V: Tensor, **kwargs) -> Tensor:
     def step(state, leaves, batch):
         for m in loss.mask_indices:
             value = loss.batch_loss(state, batch, m) * (batch.size / len(loss.mask_indices))
+            if not value.requires_grad:
+                continue  # the loss does not depend on the parameters: zero Hessian
             grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
             live = [(g, t) for g, t in zip(grads, leaves) if g is not None and g.requires_grad]
             for j in range(V.shape[1]):

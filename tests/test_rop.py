@@ -855,10 +855,10 @@ def test_unsupported_op_falls_back_with_warning(opname, seed, monkeypatch):
     V = vectors(case.P, 3, seed)
     make_op(case.model, case.loader, case.loss_fn, "rop")  # skips until the engine exists
     warning = fallback_warning()
-    from dropflat.operators import rop
+    from dropflat.operators.rop import tape
 
-    if hasattr(rop, "_WARNED"):  # the warning comes once per process: forget earlier tests' fallbacks (restored after)
-        monkeypatch.setattr(rop, "_WARNED", set())
+    # The warning comes once per process: forget earlier tests' fallbacks (restored after).
+    monkeypatch.setattr(tape, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = make_op(case.model, case.loader, case.loss_fn, "rop").matmat(V)
@@ -1029,8 +1029,7 @@ def test_a_tape_is_freed_by_reference_counting(autocast):
     import gc
     import weakref
 
-    from dropflat.operators.rop import record
-    from dropflat.operators.rop_rules import rule_for
+    from dropflat.operators.rop import record, rule_for
 
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))

@@ -1,6 +1,7 @@
 """Take over every dropout call site of an unmodified model with replayable masks.
 
-Inside :func:`replay_dropout`, ``F.dropout``, ``F.dropout1d/2d/3d`` and
+Inside :func:`replay_dropout`, ``F.dropout``, ``F.dropout1d/2d/3d``,
+``F.alpha_dropout``, ``F.feature_alpha_dropout`` and
 ``F.scaled_dot_product_attention(dropout_p > 0)`` draw their masks from
 :mod:`dropflat.dropout.masks` instead of the global RNG. That covers
 ``nn.Dropout*`` modules, functional calls in user code, and attention dropout
@@ -105,7 +106,13 @@ def math_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1)
+    # A query that may attend to nothing (every score -inf) gets zero weights, as in PyTorch's math kernel,
+    # not the NaN of a softmax over -inf: its row is filled before and after the softmax (a constant mask).
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    if bool(dead.any()):
+        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
     return (weights if dropout is None else dropout(weights)) @ value
 
 
@@ -144,18 +151,24 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
         return math_attention(query, key, value, attn_mask, is_causal, scale, kwargs.get("enable_gqa", False),
                               dropout=lambda w: dropout(w, dropout_p))
 
-    def unsupported(name):
+    def alpha_dropout(feature: bool):
         def fn(input, p=0.5, training=False, inplace=False):
-            if training and p > 0:
-                raise NotImplementedError(f"F.{name} is not supported under replayable dropout masks; "
-                                          "use nn.Dropout, or dropout='off'")
-            return input
+            p = _check_p(p)
+            if not training or p == 0.0:
+                return input
+            if p == 1.0:
+                return input * 0.0  # as PyTorch does
+            if feature and input.dim() < 2:
+                raise ValueError(f"feature_alpha_dropout needs input of at least 2 dimensions, got {input.dim()}")
+            shape = tuple(input.shape[:2]) + (1,) * (input.dim() - 2) if feature else tuple(input.shape)
+            keep = source.keep(shape, p, input.device).to(input.dtype)
+            return alpha_dropout_with(input, keep, p)
         return fn
 
     replacements = {"dropout": dropout, "dropout1d": channel_dropout(1), "dropout2d": channel_dropout(2),
                     "dropout3d": channel_dropout(3), "scaled_dot_product_attention": sdpa,
-                    "alpha_dropout": unsupported("alpha_dropout"),
-                    "feature_alpha_dropout": unsupported("feature_alpha_dropout")}
+                    "alpha_dropout": alpha_dropout(feature=False),
+                    "feature_alpha_dropout": alpha_dropout(feature=True)}
     if not _LOCK.acquire(blocking=False):
         raise RuntimeError("replay_dropout contexts cannot be nested or used from two threads at once")
     try:
@@ -166,6 +179,20 @@ def replay_dropout(source: MaskSource) -> Iterator[MaskSource]:
         for name, fn in original.items():
             setattr(F, name, fn)
         _LOCK.release()
+
+
+SELU_ALPHA = 1.7580993408473766  # -scale·alpha of SELU: the value alpha dropout sets dropped units to
+
+
+def alpha_dropout_with(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Alpha dropout (for SELU networks) under a given keep mask, as PyTorch computes it.
+
+    Dropped units go to ``-SELU_ALPHA``, then ``y = a·(x·keep − α(1 − keep)) + b`` with
+    ``a = ((α²p + 1)(1 − p))^{-1/2}`` and ``b = α a p`` keep zero mean and unit variance.
+    Affine in ``x``: its Hessian products need no curvature term.
+    """
+    a = 1.0 / math.sqrt((SELU_ALPHA ** 2 * p + 1.0) * (1.0 - p))
+    return x * (keep * a) + (keep - 1.0) * (SELU_ALPHA * a) + SELU_ALPHA * a * p
 
 
 def no_dropout_message(model) -> str:

@@ -32,8 +32,7 @@ from ..memory import default_budget as _default_budget
 from ..model_loss import ModelLoss, flat_grads
 from ..params import ParamSpec, unflatten
 from .base import LinearOperator
-from .rop import Tape, record
-from .rop_rules import rule_for
+from .rop import Tape, record, rule_for
 
 __all__ = ["HessianOperator", "ENGINES"]
 

@@ -1,56 +1,19 @@
-"""Batched Hessian-vector products by Pearlmutter's R-operator, k directions per data pass.
+"""The recorded primal forward of one batch (:class:`Tape`, :class:`Node`) and its batched products.
 
-For a loss ``L(θ)`` computed by a chain of ops ``a_out = f(a_in, θ)``, the
-Hessian-vector product is the directional derivative of the gradient,
-``H v = R{∇L}`` with ``R{·} = d/dε (·)(θ + εv) |_{ε=0}``. It costs two sweeps:
-
-* **tangent forward**: ``R a_out = J_a R a_in + J_θ v`` for every op;
-* **R-backward**, beside the usual adjoint ``g_in = J_aᵀ g_out``:
-  ``R g_in = J_aᵀ R g_out + (R J_a)ᵀ g_out``, the second term being the op's
-  curvature (zero for affine ops, e.g. ReLU a.e., views, pooling, BN in eval).
-
-For a linear layer that is 2 products forward and 4 backward per direction,
-against 3 for a gradient pass: the floor of an exact HVP is 2 gradient passes
-per vector, plus the primal pass shared by all ``k`` directions. Unlike
-double backward (one second-order backward per vector) or ``torch.func``'s
-``vmap`` of forward-over-reverse (whose batching rules loop for
-convolutions), every rule here carries the ``k`` directions *together*: a
-tangent batch through a linear or convolution layer is one larger GEMM or
-convolution (k folded into the batch dimension, or into the output channels
-for the ``x Vᵀ`` term).
-
-How the model is seen: the forward runs eagerly, unmodified, under a
-:class:`~torch.overrides.TorchFunctionMode` that records every call whose
-inputs depend on the parameters into a :class:`Tape` (no autograd graph is
-built). Each recorded call is then replayed with its rule from
-:mod:`dropflat.operators.rop_rules`; calls without a rule go through a
-generic ``torch.func`` rule (exact, slower) with a one-time
-:class:`RopFallbackWarning` naming the op.
-
-Tangents carry the directions in a leading dimension: an activation of shape
-``S`` has tangents ``[k, *S]``, so that elementwise rules broadcast the primal
-against them without reshaping.
-
-Precision: as in autograd, every tangent and adjoint has its primal's dtype, and
-each rule runs in the dtype its op computed in (the dtype of its output), on a
-:attr:`Node.compute` twin whose floating inputs are cast to it. Under
-``torch.autocast`` (recorded above the dispatcher, so a linear layer's recorded
-output is bfloat16 while its weight is float32) a rule then replays the op's
-autocast policy: GEMMs and convolutions in bfloat16, the cross-entropy in float32;
-results are cast back to each input's dtype, so parameters get float32 products.
-Without mixed dtypes the twin is the node itself and nothing is cast.
+A :class:`Node` is one recorded call ``outputs = func(*args, **kwargs)`` whose
+live inputs depend on the parameters; :meth:`Tape.hvp` replays the nodes with
+their rules: a tangent forward over all nodes, then the primal adjoints (first
+product only, kept) and the R-adjoints in reverse.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
-__all__ = ["RopFallbackWarning", "Tape", "record"]
+__all__ = ["Node", "RopFallbackWarning", "Tape", "base_name", "func_key", "func_name", "warn_fallback"]
 
 
 class RopFallbackWarning(UserWarning):
@@ -108,9 +71,24 @@ class Node:
         return tree_unflatten(self.leaves, self.spec)
 
 
+def func_key(func):
+    """The identity a torch function is looked up by: the function itself, a property getter by its descriptor
+    (``x.mT`` reaches a torch function mode as a fresh ``__get__`` wrapper of ``Tensor.mT`` on every access)."""
+    if getattr(func, "__name__", "") == "__get__":
+        return getattr(func, "__self__", func)
+    return func
+
+
+def base_name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
 def func_name(func) -> str:
     """A readable name for a torch function: ``torch.log1p``, ``Tensor.add``, ``torch.nn.functional.gelu``."""
-    name = _base_name(func)
+    name = base_name(func)
     qual = getattr(func, "__qualname__", "") or name
     module = getattr(func, "__module__", None)
     if qual.startswith("_VariableFunctionsClass."):
@@ -257,164 +235,3 @@ def _accumulate(store: Dict[int, torch.Tensor], x: torch.Tensor, value: Optional
     key = id(x)
     prev = store.get(key)
     store[key] = value if prev is None else prev + value
-
-
-# ---------------------------------------------------------------------- recording
-
-
-_INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
-
-
-def _out_of_place(func, kwargs):
-    """The out-of-place twin of an in-place call (``relu_``, ``x += y``, ``inplace=True``), or None."""
-    name = getattr(func, "__name__", "")
-    if kwargs.get("inplace"):
-        return func, {**kwargs, "inplace": False}
-    if name in _INPLACE_DUNDER:
-        return getattr(torch.Tensor, _INPLACE_DUNDER[name]), kwargs
-    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
-        if getattr(func, "__self__", None) is None and getattr(torch.Tensor, name, None) is func:
-            return getattr(torch.Tensor, name[:-1]), kwargs
-        if getattr(torch, name, None) is func and hasattr(torch, name[:-1]):
-            return getattr(torch, name[:-1]), kwargs
-    return None
-
-
-_CONSTANT = {"detach", "detach_", "data", "requires_grad_"}  # calls whose result autograd treats as a constant
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self, tape: Tape, rules: Callable):
-        super().__init__()
-        self.tape = tape
-        self.rules = rules
-        self.modules: List[str] = []  # the module forwards being run, innermost last
-
-    def _is_live(self, x) -> bool:
-        return isinstance(x, torch.Tensor) and self.tape.live.get(id(x)) is x
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        leaves, spec = tree_flatten((args, kwargs))
-        live = [i for i, x in enumerate(leaves) if self._is_live(x)]
-        # Constant for autograd: nothing depends on the parameters, the model's own no_grad blocks, detach.
-        if not live or not torch.is_grad_enabled() or _base_name(func) in _CONSTANT:
-            return func(*args, **kwargs)
-        if getattr(func, "__name__", "") == "__setitem__":
-            return self._mutate(_setitem, args, {}, args[0])
-        twin = _out_of_place(func, kwargs)
-        if twin is not None and isinstance(args[0], torch.Tensor):
-            return self._mutate(twin[0], args, twin[1], args[0])
-        return self._call(func, args, kwargs)
-
-    def _call(self, func, args, kwargs):
-        leaves, spec = tree_flatten((args, kwargs))
-        live = [i for i, x in enumerate(leaves) if self._is_live(x)]
-        rule = self.rules(func, kwargs)
-        decompose = getattr(rule, "decompose", None)
-        if decompose is not None:
-            with self:  # its pieces are recorded one by one
-                return decompose(*args, **kwargs)
-        out = func(*args, **kwargs)
-        flat_out, _ = tree_flatten(out)
-        outputs = [o for o in flat_out if isinstance(o, torch.Tensor) and o.is_floating_point()]
-        if not outputs:
-            return out
-        if len(outputs) == 1 and any(outputs[0] is leaves[i] for i in live):
-            return out  # returned an input as itself (e.g. x.contiguous() on a contiguous x): nothing new
-        where = self.modules[-1] if self.modules else None
-        self.tape.nodes.append(Node(func, rule, leaves, spec, live, outputs, func_name(func), where))
-        for o in outputs:
-            self.tape.live[id(o)] = o
-        return out
-
-    def _mutate(self, func, args, kwargs, target: torch.Tensor):
-        """An in-place op on ``target``, recorded as its out-of-place twin.
-
-        The tape keeps ``target``'s old value under a copy (every earlier reference
-        is moved to it); the new value is written into ``target`` itself, so the
-        model sees the mutation and the tape sees two distinct values.
-        """
-        if self._is_live(target):
-            old = target.clone()
-            for node in self.tape.nodes:
-                node.leaves = [old if x is target else x for x in node.leaves]
-                node.outputs = [old if x is target else x for x in node.outputs]
-            self.tape.params = [old if p is target else p for p in self.tape.params]
-            self.tape.live[id(old)] = old
-            del self.tape.live[id(target)]
-            args = (old,) + tuple(args[1:])
-        result = self._call(func, args, kwargs)
-        if not self._is_live(result):
-            target.copy_(result)
-            return target
-        target.copy_(result)
-        node = self.tape.nodes[-1]
-        node.outputs = [target if x is result else x for x in node.outputs]
-        del self.tape.live[id(result)]
-        self.tape.live[id(target)] = target
-        return target
-
-
-def _setitem(x, index, value):
-    """``x[index] = value`` as a function (the recorded twin of ``Tensor.__setitem__``)."""
-    y = x.clone()
-    y[index] = value
-    return y
-
-
-def _base_name(func) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        name = getattr(getattr(func, "__self__", None), "__name__", name)
-    return name
-
-
-def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], rules: Callable,
-           model: Optional[torch.nn.Module] = None) -> Tape:
-    """Run ``forward()`` (returning a scalar loss) eagerly and record it on a :class:`Tape`.
-
-    ``params`` are the tensors the loss is differentiated with respect to; the
-    forward must use them (not copies). No autograd graph is built. With
-    ``model``, each recorded call knows which of its submodules made it (for
-    messages), through global module hooks held only while recording.
-    """
-    tape = Tape(params)
-    if any(p.requires_grad for p in tape.params):
-        raise ValueError("record() needs tensors that do not require grad (pass p.detach()): it builds no "
-                         "autograd graph, and tells the model's own no_grad blocks by the grad mode")
-    recorder = _Recorder(tape, rules)
-    with torch.enable_grad(), recorder, _module_stack(model, recorder.modules):
-        loss = forward()
-    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-        raise ValueError("the recorded forward must return a scalar loss")
-    if id(loss) not in tape.live or tape.live[id(loss)] is not loss:
-        loss = loss.detach()  # independent of the parameters: zero Hessian
-    tape.loss = loss
-    tape.prepare()
-    return tape
-
-
-@contextlib.contextmanager
-def _module_stack(model: Optional[torch.nn.Module], stack: List[str]):
-    """Keep ``stack`` at the names of the ``model`` submodules whose forward is running."""
-    if model is None:
-        yield
-        return
-    from torch.nn.modules import module as nn_module
-
-    names = {id(m): f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()}
-    def enter(m, args):  # a module outside the model (e.g. inside the loss) inherits its caller's name
-        stack.append(names.get(id(m), stack[-1] if stack else None))
-
-    pre = nn_module.register_module_forward_pre_hook(enter)
-    def leave(m, args, out):  # returns None: a value returned here would replace the module's output
-        if stack:
-            stack.pop()
-
-    post = nn_module.register_module_forward_hook(leave)
-    try:
-        yield
-    finally:
-        pre.remove()
-        post.remove()
