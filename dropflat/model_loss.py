@@ -14,7 +14,6 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from .data import Batch, call_model, iterate_batches, split_batch
@@ -22,7 +21,7 @@ from .distributed import all_reduce_, resolve_distributed
 from .dropout.takeover import MaskSource, NoDropoutError, no_dropout_message, replay_dropout
 from .heap import HeapLease
 from .memory import GRAPH_WORKING_SET, saved_bytes
-from .model_state import check_modes, preserved, set_modes
+from .model_state import call_with_state, check_modes, preserved, set_modes
 from .params import ParamSpec, flatten, select_parameters
 from .progress import progress_bar
 
@@ -146,7 +145,7 @@ class ModelLoss:
         taken afterwards runs outside it, in the dtypes autocast chose per op (as
         torch recommends), and casts the gradients back to the leaves' dtype.
         """
-        forward = lambda *a, **k: functional_call(self.model, state, a, k)  # noqa: E731
+        forward = lambda *a, **k: call_with_state(self.model, state, a, k)  # noqa: E731
         with self.autocast_context():
             if mask_index is None:
                 out = call_model(forward, batch.inputs)
@@ -174,7 +173,7 @@ class ModelLoss:
     @contextlib.contextmanager
     def _evaluating(self):
         """``(leaves, state)`` with the model's dropout/BatchNorm modes set, everything restored afterwards."""
-        with preserved(self.model), _twice_differentiable_attention():
+        with preserved(self.model), _twice_differentiable_attention(), _compiled_modules_run_eagerly():
             set_modes(self.model, self.dropout, self.batchnorm)
             yield self._state()
 
@@ -310,6 +309,18 @@ def check_autocast(autocast: Optional[torch.dtype], device: torch.device, dtype:
         raise ValueError(f"autocast={autocast} is not supported on {device}: {problem.strip()}; "
                          "use autocast=None, or the other autocast dtype")
     return autocast
+
+
+def _compiled_modules_run_eagerly():
+    """``torch.compile``d modules run their own Python forward, uncompiled, while dropflat evaluates them.
+
+    Compiled graphs have no double backward, the R-operator must see every op,
+    and dropflat's replayable dropout swaps functions the compiled graph has
+    baked in: the eager forward is the same function, exactly. (``set_stance``
+    exists from torch 2.6; before, compiled modules run as they are.)
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _twice_differentiable_attention():

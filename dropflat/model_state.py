@@ -8,12 +8,15 @@ is snapshotted by :func:`preserved` and put back on exit, exceptions included.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from itertools import chain
+from typing import Dict, Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-__all__ = ["preserved", "set_modes", "check_modes", "is_batchnorm", "DROPOUT_MODES", "BATCHNORM_MODES"]
+__all__ = ["preserved", "set_modes", "check_modes", "is_batchnorm", "call_with_state", "DROPOUT_MODES",
+           "BATCHNORM_MODES"]
 
 DROPOUT_MODES = ("off", "fixed", "mean")
 BATCHNORM_MODES = ("eval", "batch")
@@ -47,6 +50,35 @@ def preserved(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def call_with_state(model: nn.Module, state: Dict[str, torch.Tensor], args=(), kwargs=None):
+    """``model(*args, **kwargs)`` with its parameters and buffers replaced by ``state`` for the call.
+
+    ``state`` is keyed by the names of ``model.named_parameters()`` / ``named_buffers()``.
+    Each *place* holding a tensor (a module and an attribute) is swapped exactly once:
+    a parameter tied between two modules is replaced in both, while a submodule
+    registered under two names (as ``torch.compile`` registers its module as
+    ``_orig_mod``, or a block reused in a list) is swapped once, because
+    ``torch.func.functional_call(tie_weights=True)`` swaps such a place twice and
+    restores it to the replacement, leaving the model holding dropflat's tensors.
+    """
+    return functional_call(model, _by_place(model, state), args, kwargs or {}, tie_weights=False, strict=False)
+
+
+def _by_place(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    canonical = {id(t): name for name, t in chain(model.named_parameters(), model.named_buffers())}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    out, seen = {}, set()
+    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        path, _, attr = name.rpartition(".")
+        place = (id(modules[path]), attr)
+        key = canonical.get(id(t))
+        if place in seen or key not in state:
+            continue
+        seen.add(place)
+        out[name] = state[key]
+    return out
 
 
 def set_modes(model: nn.Module, dropout: str, batchnorm: str) -> None:

@@ -387,12 +387,45 @@ class TiedLM(nn.Module):
         return h @ self.emb.weight.T  # [B, T, vocab]
 
 
+class TiedTwoModules(nn.Module):
+    """One Parameter held by two modules: the embedding table is the output layer's weight."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.drop(self.emb(ids)))))
+
+
+class SharedBlock(nn.Module):
+    """One submodule registered under three names (an attribute and two list entries), applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D_IN, D_H)
+        self.block = nn.Linear(D_H, D_H)
+        self.blocks = nn.ModuleList([self.block, self.block])
+        self.drop = nn.Dropout(0.2)
+        self.out = nn.Linear(D_H, N_CLS)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return self.out(self.drop(h))
+
+
 def _lm_loss(out, y):
     return F.cross_entropy(out.flatten(0, 1), y.flatten())
 
 
-def tied_case(name, seed, bag=False) -> Case:
-    model = _init(TiedLM(bag=bag), seed)
+def tied_case(name, seed, bag=False, two_modules=False) -> Case:
+    model = _init(TiedTwoModules() if two_modules else TiedLM(bag=bag), seed)
     data = _batches(lambda n, g: torch.randint(0, 7, (n, 4), generator=g),
                     lambda n, g: torch.randint(0, 7, (n, 4), generator=g), seed + 1)
     reference = None
@@ -516,6 +549,8 @@ PATTERNS: Dict[str, Callable[[str, int], Case]] = {
     "alpha_dropout": lambda n, s: conv_case(n, s, pool="avg", drop="alpha"),
     "weight_tying_lm_head": lambda n, s: tied_case(n, s),
     "embedding_bag": lambda n, s: tied_case(n, s, bag=True),
+    "tied_parameter_two_modules": lambda n, s: tied_case(n, s, two_modules=True),
+    "submodule_under_two_names": lambda n, s: Case(n, _init(SharedBlock(), s), _vectors(s + 1)),
     "checkpoint_reentrant": lambda n, s: checkpoint_case(n, s, reentrant=True),
     "checkpoint_non_reentrant": lambda n, s: checkpoint_case(n, s, reentrant=False),
     "loss_mse": lambda n, s: _with_loss(mlp_case(n, lambda self, x: torch.tanh(self.lin(x)), s), _mse),

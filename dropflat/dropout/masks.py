@@ -63,7 +63,10 @@ def uniforms(key: int, start: int, n: int, device) -> torch.Tensor:
     """Uniforms of elements ``start .. start+n-1`` of the stream ``key`` (four per Philox block)."""
     first, skip = divmod(start, 4)
     blocks = (skip + n + 3) // 4
-    u = philox_uniform(key, first, blocks, device=device).reshape(-1)
+    # A mask is a constant of the loss: drawn outside any torch.func transform that may be running (whose
+    # wrapped tensors would hide the storage the compiled kernels write).
+    with torch._C._DisableFuncTorch():
+        u = philox_uniform(key, first, blocks, device=device).reshape(-1)
     return u[skip:skip + n]
 
 

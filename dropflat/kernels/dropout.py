@@ -67,9 +67,17 @@ class _FusedDropout(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # The separate setup_context lets torch.func.grad / jvp trace through the op (vmap cannot: the
-        # mask is a function of the whole sample-major batch).
+        # The separate setup_context lets torch.func.grad / jvp trace through the op.
         ctx.args = inputs[1]
+
+    @staticmethod
+    def vmap(info, in_dims, x, args):
+        # Batched over something other than samples (e.g. the k directions of Hessian products): the mask is
+        # a function of the sample-major layout of one slice, so every slice gets the same D.
+        if in_dims[0] is None:
+            return _FusedDropout.apply(x, args), None
+        x = x.movedim(in_dims[0], 0)
+        return x * _FusedDropout.apply(torch.ones_like(x[0]), args), 0
 
     @staticmethod
     def backward(ctx, grad):

@@ -49,7 +49,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..data import call_model, map_tensors
 from ..dropout.masks import keep_mask, mask_key
@@ -62,7 +62,7 @@ from ..kernels.gram import (
     materialize,
 )
 from ..model_loss import ModelLoss
-from ..model_state import is_batchnorm
+from ..model_state import call_with_state, is_batchnorm
 from ..params import ParamSpec, unflatten
 
 __all__ = ["PATHS", "PerSampleGradients", "choose_path", "path_costs"]
@@ -718,7 +718,7 @@ class PerSampleGradients:
         def one(params, x, y, index):
             x1, y1 = map_tensors(lambda t: t.unsqueeze(0), x), map_tensors(lambda t: t.unsqueeze(0), y)
             st = {**base, **params}
-            fwd = lambda *a, **k: functional_call(self.model, st, a, k)  # noqa: E731
+            fwd = lambda *a, **k: call_with_state(self.model, st, a, k)  # noqa: E731
             if mask is None:
                 out = call_model(fwd, x1)
             else:

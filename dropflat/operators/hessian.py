@@ -21,22 +21,35 @@ True
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..memory import check_budget, fit_chunk, saved_bytes
+from ..memory import check_budget, fit_chunk
 from ..memory import default_budget as _default_budget
-from ..model_loss import ModelLoss, flat_grads
+from ..model_loss import ModelLoss
 from ..params import ParamSpec, unflatten
 from .base import LinearOperator
-from .rop import Tape, record, rule_for
+from .engines import ENGINES, EXACT_ENGINES, Primal, stack_products
+from .engines import engine as engine_named
+from .selection import (
+    Candidate,
+    EngineChoice,
+    RopVerificationError,
+    RuleOverrides,
+    check_engine,
+    locate_rules,
+    time_engine,
+    where_called,
+)
+from .selfcheck import Check, direction, reference
 
-__all__ = ["HessianOperator", "ENGINES"]
+__all__ = ["HessianOperator", "ENGINES", "RopVerificationError"]
 
-ENGINES = ("auto", "rop", "autograd")
 CPU_CHUNK_VECTORS = 4        # most directions carried together on a CPU
 CPU_CHUNK_BYTES = 128 << 20  # most working set of a chunk on a CPU
 
@@ -64,11 +77,20 @@ class HessianOperator(LinearOperator):
         ``H @ V`` (run eigensolvers replicated on every rank); ``True`` requires a group;
         ``False`` ignores it. See :mod:`dropflat.distributed`.
 
-    engine: ``"rop"`` (the default, also ``"auto"``): the batched R-operator of
-        :mod:`dropflat.operators.rop` -- one recorded primal forward per batch, then all ``k``
-        directions carried together through one tangent forward and one R-backward, as larger
-        GEMMs and convolutions; ``"autograd"``: a forward and backward with ``create_graph``
-        per batch, then one double-backward per vector.
+    engine: ``"auto"`` (default): on the first product, every exact engine runs on the first
+        batch for the ``k`` at hand, is verified against autograd, and the fastest verified one
+        serves all products (choice and timings in :attr:`manifest`); or pin one:
+        ``"rop"``, the batched R-operator of :mod:`dropflat.operators.rop` (one recorded primal
+        forward per batch, then all ``k`` directions through one tangent forward and one
+        R-backward, as larger GEMMs and convolutions); ``"autograd"``, a forward and backward
+        with ``create_graph`` per batch, then one double backward per vector on that graph;
+        ``"func"``, ``torch.func``'s ``vmap(jvp(grad))``. See :mod:`dropflat.operators.engines`.
+    verify: check the engine on its first batch before it serves a product (default ``True``;
+        :mod:`dropflat.operators.selfcheck`): its gradient and one product against autograd.
+        A failing R-operator rule is replaced by the exact ``torch.func`` rule for that op (with
+        a warning naming it); if the recording itself is wrong, ``"auto"`` moves to another
+        engine with a warning and a pinned ``"rop"`` raises :class:`RopVerificationError`.
+        The cost (about one gradient and two products on one batch) is in :attr:`manifest`.
     max_memory: bytes the directions' working set of one batch may take (tangents and their
         adjoints, about two activations' worth per direction); ``matmat`` splits its ``k``
         columns into chunks that fit, sharing the primal pass. ``None``: a quarter of the
@@ -95,10 +117,14 @@ class HessianOperator(LinearOperator):
                  batch_fn: Optional[Callable] = None, progress: bool = False, mask_seed: int = 0,
                  mask_index: int = 0, num_masks: int = 16, masks: str = "per_sample",
                  distributed: Optional[bool] = None, engine: str = "auto", max_memory: Optional[int] = None,
-                 autocast: Optional[torch.dtype] = None):
+                 autocast: Optional[torch.dtype] = None, verify: bool = True):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        self.engine = "rop" if engine == "auto" else engine
+        self.requested_engine = engine
+        self.engine = engine            # the engine serving products ("auto" until the first product)
+        self.verify = bool(verify)
+        self.choice: Optional[EngineChoice] = None
+        self._rules: Optional[RuleOverrides] = None
         self.max_memory = check_budget(max_memory)
         self.peak_bytes = 0  # the largest working set of a product so far (estimated on the CPU)
         self.loss = ModelLoss(model, loader, loss_fn, params=params, dropout=dropout, batchnorm=batchnorm,
@@ -116,29 +142,40 @@ class HessianOperator(LinearOperator):
     def batched_products(self) -> bool:
         """Whether a block of vectors costs much less per vector than one vector alone.
 
-        True for the R-operator engine on a GPU, where the ``k`` directions make larger GEMMs and
-        convolutions; on a CPU the products are memory-bound and a vector in a block costs about as
-        much as a vector alone (see ``CPU_CHUNK_BYTES``), so block eigensolvers do not pay there.
+        True for the batched engines (R-operator, ``torch.func``) on a GPU, where the ``k``
+        directions make larger GEMMs and convolutions; on a CPU the products are memory-bound and
+        a vector in a block costs about as much as a vector alone (see ``CPU_CHUNK_BYTES``).
         """
-        return self.engine == "rop" and self.device.type == "cuda"
+        return self.engine in ("auto", "rop", "func") and self.device.type == "cuda"
+
+    @property
+    def manifest(self) -> Dict[str, object]:
+        """How the products are computed: the engine chosen and why (candidates, timings, self-checks)."""
+        if self.choice is None:
+            return {"engine": None if self.engine == "auto" else self.engine, "requested": self.requested_engine,
+                    "verify": self.verify}
+        return {**self.choice.to_dict(), "verify": self.verify}
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         tangents = unflatten(V, self.loss.param_shapes)  # each [*shape, k]
         out = torch.zeros_like(V)
         cache = self._cache
         if cache is not None and cache.complete:
-            for graph in cache.graphs:  # this rank's batches only
-                self._products(graph, tangents, out, keep=True)
+            for weight, primal in cache.graphs:  # this rank's batches only
+                self._products(primal, weight, tangents, out)
             self.loss.reduce_(out)
             return out / cache.num_samples
 
         def step(state, leaves, batch):
+            if self.choice is None:
+                self._choose(state, leaves, batch, V.shape[1])
             for m in self.loss.mask_indices:  # one graph at a time: memory of one forward, whatever the masks
                 keep = cache is not None and cache.accepting
-                graph = self._first_order(state, leaves, batch, m, measure=keep)
-                self._products(graph, tangents, out, keep=keep)
+                primal = self._record(state, leaves, batch, m, measure=keep)
+                weight = batch.size / len(self.loss.mask_indices)
+                self._products(primal, weight, tangents, out)
                 if keep:
-                    cache.add(graph)
+                    cache.add(weight, primal)
 
         n = self.loss.evaluate(step, "Hessian products", sums=(out,))
         if cache is not None:
@@ -146,46 +183,30 @@ class HessianOperator(LinearOperator):
             if not cache.agreed(self.loss):  # some rank could not retain its graphs: all ranks recompute
                 cache.graphs.clear()
                 cache.accepting = cache.complete = False
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"the Hessian product has non-finite entries ({self.engine} engine); the loss is finite, so "
+                "an op's derivative is not (e.g. sqrt or log at 0, a max over ties); check the model")
         return out / n
 
+    def _engine(self):
+        return engine_named(self.engine, self._rules)
+
+    def _record(self, state, leaves, batch, mask_index, measure: bool = False) -> Primal:
+        """One batch's primal pass with the serving engine, ready for products."""
+        return self._engine().record(lambda s: self.loss.batch_loss(s, batch, mask_index), state, leaves,
+                                     self.loss.model, measure=measure)
+
     def _first_order(self, state, leaves, batch, mask_index, measure: bool):
-        """One batch's primal pass, ready for Hessian-vector products (a tape, or a graph with ``create_graph``)."""
+        """One batch's primal pass as ``(weight, primal)`` (kept for callers that inspect tapes)."""
         weight = batch.size / len(self.loss.mask_indices)
-        if self.engine == "rop":
-            # Detached leaves: no autograd graph is built, and the model's no_grad blocks stay visible.
-            detached = {id(t): t.detach() for t in leaves}
-            plain = {name: detached.get(id(t), t) for name, t in state.items()}
-            tape = record([detached[id(t)] for t in leaves],
-                          lambda: self.loss.batch_loss(plain, batch, mask_index), rule_for, model=self.loss.model)
-            return _Retained(weight, tape, None, [], tape.nbytes())
-        def first_order():
-            loss = self.loss.batch_loss(state, batch, mask_index)
-            return torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        return weight, self._record(state, leaves, batch, mask_index, measure)
 
-        # Count what the graph keeps alive (the parameters exist anyway).
-        grads, saved = saved_bytes(first_order, exclude=leaves) if measure else (first_order(), 0)
-        # Parameters whose gradient is constant (or absent) contribute no curvature.
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return _Retained(weight, leaves, grads, live, saved)
-
-    def _products(self, graph: "_Retained", tangents, out: torch.Tensor, keep: bool) -> None:
-        """Accumulate ``weight * H_batch @ V`` on one batch's retained pass."""
-        if graph.grads is None:
-            self._tape_products(graph.leaves, tangents, out, graph.weight)
-            return
-        k = out.shape[1]
-        for j in range(k):
-            hv = [None] * len(graph.leaves)
-            if graph.live:
-                hv = list(torch.autograd.grad([graph.grads[i] for i in graph.live], graph.leaves,
-                                              grad_outputs=[tangents[i][..., j] for i in graph.live],
-                                              retain_graph=keep or j < k - 1, allow_unused=True))
-            out[:, j].add_(flat_grads(hv, graph.leaves), alpha=graph.weight)
-
-    def _tape_products(self, tape: Tape, tangents, out: torch.Tensor, weight: float) -> None:
-        """All columns through the R-operator, in chunks whose tangents fit ``max_memory``."""
-        k = out.shape[1]
-        per_vector = max(1, tape.nbytes())  # tangents and R-adjoints: one activation set each, per vector
+    def _chunk(self, primal: Primal, k: int) -> int:
+        """How many directions go through together: what fits ``max_memory`` (and a CPU's sweet spot)."""
+        if primal.engine == "autograd":
+            return k  # one vector at a time inside the engine; the block is only stacked
+        per_vector = max(1, primal.nbytes)  # tangents and R-adjoints: one activation set each, per vector
         budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
         chunk = fit_chunk("the working set of a Hessian-vector product on this batch (tangents, R-adjoints)",
                           per_item=per_vector, max_memory=budget, limit=k,
@@ -195,14 +216,149 @@ class HessianOperator(LinearOperator):
             # Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
             # vector than they save, so the directions go through a few at a time.
             chunk = max(1, min(chunk, CPU_CHUNK_VECTORS, CPU_CHUNK_BYTES // per_vector))
-        self.peak_bytes = max(self.peak_bytes, chunk * per_vector + tape.nbytes())
+        self.peak_bytes = max(self.peak_bytes, chunk * per_vector + primal.nbytes)
+        return chunk
+
+    def _products(self, primal: Primal, weight: float, tangents, out: torch.Tensor) -> None:
+        """Accumulate ``weight * H_batch @ V`` on one batch's primal pass, in chunks that fit ``max_memory``."""
+        k = out.shape[1]
+        chunk = self._chunk(primal, k)
+        eng = self._engine()
         for lo in range(0, k, chunk):
             hi = min(k, lo + chunk)
             block = [t[..., lo:hi].movedim(-1, 0) for t in tangents]
-            hv = tape.hvp(block)
-            flat = torch.cat([(torch.zeros_like(t) if h is None else h).reshape(hi - lo, -1)
-                              for h, t in zip(hv, block)], dim=1)
-            out[:, lo:hi].add_(flat.T, alpha=weight)
+            out[:, lo:hi].add_(stack_products(eng.products(primal, block), block).T, alpha=weight)
+
+    # ------------------------------------------------------------------ the first product: verify, choose
+
+    def _choose(self, state, leaves, batch, k: int) -> None:
+        """Verify the requested engine (for ``"auto"``: every exact engine) on this batch and keep the fastest."""
+        began = time.perf_counter()
+        retained = self._cache is not None
+        names = [n for n, _ in self.loss.named_params]
+        mask = self.loss.mask_indices[0]
+        choice = EngineChoice(self.requested_engine, self.engine, k, retained)
+        requested = self.requested_engine
+        candidates = EXACT_ENGINES if requested == "auto" else (requested,)
+
+        def recorder(full_precision: bool):
+            def run(eng):
+                with self._precision(full_precision):
+                    return eng.record(lambda s: self.loss.batch_loss(s, batch, mask), state, leaves, self.loss.model)
+            return run
+
+        ref = None
+        if self.verify:
+            with self._precision(True):
+                ref = reference(lambda s, b: self.loss.batch_loss(s, b, mask), state, leaves, batch,
+                                direction(leaves))
+        v = direction(leaves)
+        k_time = min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k
+        g = torch.Generator().manual_seed(0)
+        timing_block = [torch.randn((k_time,) + tuple(p.shape), generator=g, dtype=torch.float64).to(p)
+                        for p in leaves]
+        rules: Dict[str, Optional[RuleOverrides]] = {}
+        for name in candidates:
+            check, rules[name] = self._verify(name, ref, v, names, recorder(True)) if self.verify else (None, None)
+            if check is not None and check.passed is False and requested != "auto":
+                raise RopVerificationError(self._failure(name, check)) if name == "rop" else \
+                    RuntimeError(self._failure(name, check))
+            if requested == "auto" and (check is None or check.passed is not False):
+                cand = time_engine(name, recorder(False), timing_block, rules[name], repeat=1 if self.verify else 2)
+            else:
+                cand = Candidate(name, k_time)
+            cand.check = check
+            choice.candidates.append(cand)
+        chosen = self._pick(choice, retained, math.ceil(k / k_time))
+        choice.engine = chosen
+        self.engine = chosen
+        self._rules = rules.get(chosen)
+        if self._rules is not None:
+            choice.replaced_rules = sorted(self._replaced_names)
+        choice.seconds = time.perf_counter() - began
+        self.choice = choice
+
+    @contextlib.contextmanager
+    def _precision(self, full: bool):
+        """The self-check runs without autocast (it checks the rules, whose casts autocast only adds)."""
+        saved = self.loss.autocast
+        if full:
+            self.loss.autocast = None
+        try:
+            yield
+        finally:
+            self.loss.autocast = saved
+
+    def _verify(self, name: str, ref, v, names, run_record) -> Tuple[Check, Optional[RuleOverrides]]:
+        """One engine's self-check; a failing R-operator gets its guilty rules replaced, if that repairs it."""
+        if name == "autograd" and ref.autograd_product is not None and ref.kind.startswith("double backward"):
+            # double backward is the reference itself (in this dtype, or compared with float64 within its noise)
+            return Check(name, True, f"is the reference ({ref.kind})", 0.0, tolerance=ref.tolerance), None
+        check = check_engine(name, run_record, ref, v, names)
+        if name != "rop" or check.passed is not False:
+            return check, None
+        guilty = locate_rules(run_record, ref, v, names)
+        if not guilty:
+            return check, None
+        rules = RuleOverrides(guilty)
+        repaired = check_engine(name, run_record, ref, v, names, rules)
+        if not repaired.passed:
+            return check, None
+        primal = run_record(engine_named("rop"))
+        self._replaced_names = [where_called(primal, key) for key in guilty]
+        repaired.rules_replaced = list(self._replaced_names)
+        repaired.problem = f"repaired: {check.problem}"
+        import warnings
+
+        warnings.warn(f"the R-operator rule for {', '.join(self._replaced_names)} disagreed with autograd on the "
+                      f"first batch ({check.problem}); those ops now go through torch.func (exact, slower)",
+                      RuntimeWarning, stacklevel=5)
+        return repaired, rules
+
+    _replaced_names: List[str] = []
+
+    def _pick(self, choice: EngineChoice, retained: bool, calls: int) -> str:
+        """The fastest candidate that verified (or, unverified, that ran); the requested one if pinned."""
+        if choice.requested != "auto":
+            return choice.requested
+
+        def cost(c: Candidate) -> float:
+            if c.product_s is None:
+                return math.inf
+            return c.product_s * calls + (0.0 if retained or c.record_s is None else c.record_s)
+
+        costs = torch.tensor([cost(c) for c in choice.candidates], dtype=torch.float64)
+        ok = torch.tensor([float(c.check is None or c.check.passed is True) for c in choice.candidates],
+                          dtype=torch.float64)
+        if self.loss.shard() is not None:  # every rank must pick the same engine: sum the costs, agree on passes
+            from ..distributed import all_reduce_
+
+            costs = all_reduce_(torch.where(torch.isinf(costs), torch.full_like(costs, 1e30), costs).to(self.device))
+            ok = all_reduce_(ok.to(self.device)).cpu() >= self.loss.shard()[1] - 0.5
+            costs = costs.cpu()
+        else:
+            ok = ok > 0.5
+        usable = [i for i in range(len(choice.candidates)) if ok[i] and costs[i] < math.inf]
+        if not usable:
+            problems = "; ".join(f"{c.engine}: {c.error or (c.check.problem if c.check else '')}"
+                                 for c in choice.candidates)
+            raise RuntimeError(f"no Hessian engine verified on the first batch ({problems})")
+        # An R-operator that computed a wrong product is news (one of its rules or the recording is wrong);
+        # torch.func differing from autograd (it ignores torch.no_grad) or an engine that cannot run is not.
+        failed = [c for c in choice.candidates if c.engine == "rop" and c.check is not None
+                  and c.check.passed is False and c.check.product_error is not None]
+        if failed:
+            import warnings
+
+            warnings.warn("; ".join(self._failure(c.engine, c.check) for c in failed) + " -- not used",
+                          RuntimeWarning, stacklevel=5)
+        return choice.candidates[min(usable, key=lambda i: float(costs[i]))].engine
+
+    @staticmethod
+    def _failure(name: str, check: Check) -> str:
+        way_out = {"rop": "use engine='autograd' (or 'auto', which picks an engine that verifies)",
+                   "func": "use engine='autograd' or 'rop'", "autograd": "use engine='rop' or 'func'"}[name]
+        return f"the {name} engine failed its self-check on the first batch: {check.problem}; {way_out}"
 
     @contextlib.contextmanager
     def retained(self, max_memory: Optional[int] = None):
@@ -233,31 +389,21 @@ class HessianOperator(LinearOperator):
 
 
 @dataclass
-class _Retained:
-    """One batch's primal pass: an R-operator tape (``grads`` None) or a ``create_graph`` gradient graph."""
-    weight: float               # the batch's sample count over the number of masks averaged
-    leaves: Union[List[torch.Tensor], Tape]
-    grads: Optional[Tuple[Optional[torch.Tensor], ...]]
-    live: List[int]
-    saved_bytes: int
-
-
-@dataclass
 class _GraphCache:
     budget: int
-    graphs: List[_Retained] = field(default_factory=list)
+    graphs: List[Tuple[float, Primal]] = field(default_factory=list)  # (batch weight, primal pass)
     saved_bytes: int = 0
     accepting: bool = True      # still retaining (within budget)
     complete: bool = False      # a whole pass is retained: products can run on it alone
     num_samples: int = 0
 
-    def add(self, graph: _Retained) -> None:
-        self.saved_bytes += graph.saved_bytes
+    def add(self, weight: float, primal: Primal) -> None:
+        self.saved_bytes += primal.nbytes
         if self.saved_bytes > self.budget:
             self.graphs.clear()  # free them now: the pass goes on unretained
             self.accepting = False
         else:
-            self.graphs.append(graph)
+            self.graphs.append((weight, primal))
 
     def finish(self, num_samples: int, sharded: bool = False) -> None:
         # A rank may own no batch at all: its (empty) retained pass is still complete.

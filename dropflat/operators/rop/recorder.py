@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -366,7 +367,11 @@ def record(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], 
         raise ValueError("record() needs tensors that do not require grad (pass p.detach()): it builds no "
                          "autograd graph, and tells the model's own no_grad blocks by the grad mode")
     recorder = _Recorder(tape, rules)
-    with torch.enable_grad(), recorder, _module_stack(model, recorder.modules):
+    with torch.enable_grad(), recorder, _module_stack(model, recorder.modules), warnings.catch_warnings():
+        # Not the user's concern: the parameters here never require grad (autograd is not used), and the
+        # hooks that name modules in messages are global only while recording.
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+        warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
         loss = forward()
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         raise ValueError("the recorded forward must return a scalar loss")

@@ -173,6 +173,25 @@ class Tape:
         self.adjoints = g
         return [None if id(p) not in Rg else Rg[id(p)] * loss_weight for p in self.params]
 
+    def gradient(self) -> List[Optional[torch.Tensor]]:
+        """The loss's gradient in the parameters through the tape's rules (``None``: not reached).
+
+        A separate sweep from the products' (which skip the parameters' own
+        adjoints): it is the first-order half of the operator's self-check.
+        """
+        if self.loss is None:
+            raise RuntimeError("the tape has no loss: record a forward pass that returns a scalar first")
+        g: Dict[int, torch.Tensor] = {id(self.loss): torch.ones_like(self.loss)}
+        with torch.no_grad():
+            for node in reversed(self.nodes):
+                g_out = [g.get(id(o)) for o in node.outputs]
+                if all(x is None for x in g_out):
+                    continue
+                run = node.compute
+                for i, gi in zip(run.live, run.rule.vjp(run, _casts(g_out, run.outputs))):
+                    _accumulate(g, node.leaves[i], gi)
+        return [g.get(id(p)) for p in self.params]
+
     def nbytes(self) -> int:
         """Memory the tape keeps alive (recorded outputs and the adjoints, plus cast copies; upper bound)."""
         seen, total = set(), 0

@@ -24,7 +24,7 @@ from .attention import MultiheadAttentionRule, SDPARule
 from .conv import ConvRule
 from .elementwise import AddRule, DropoutCallRule, DropoutRule, ReluRule, SoftmaxRule
 from .generic import Choose, FuncRule, LinearInOneInput
-from .linalg import EmbeddingRule, LinearRule, MatmulRule
+from .linalg import EmbeddingBagRule, EmbeddingRule, LinearRule, MatmulRule
 from .losses import CrossEntropyRule
 from .norm import BatchNormRule, LayerNormRule
 from .shape import PermuteRule, PutViewRule, ReshapeRule, TakeViewRule
@@ -72,7 +72,7 @@ _ONE_OPERAND_LINEAR = [
     *_named(["mul", "multiply", "outer", "ger", "einsum", "baddbmm", "addmm", "addmv", "addbmm", "bilinear", "dot",
              "vdot", "inner", "kron", "tensordot", "mv", "cross", "linalg_cross", "vecdot", "multi_dot", "chain_matmul",
              "cdist", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "addcmul", "bmm", "mm", "matmul",
-             "conv1d", "conv2d", "conv3d", "lerp", "embedding_bag"]),
+             "conv1d", "conv2d", "conv3d", "lerp"]),
     Tensor.__mul__, Tensor.__rmul__, Tensor.__matmul__, Tensor.__rmatmul__,
 ]
 _NUMERATOR_LINEAR = [*_named(["div", "divide", "true_divide"]), Tensor.__truediv__]
@@ -88,8 +88,8 @@ _CURVED = _named([
     "i0", "sinc", "logaddexp", "logaddexp2", "poisson_nll_loss", "gaussian_nll_loss",
     "soft_margin_loss", "multilabel_soft_margin_loss", "cosine_embedding_loss", "margin_ranking_loss",
     "hinge_embedding_loss", "triplet_margin_loss", "multi_margin_loss", "ndtr", "log_ndtr", "entr", "expit",
-    "nan_to_num", "grid_sample", "batch_norm", "embedding", "dropout", "alpha_dropout", "feature_alpha_dropout",
-    "scaled_dot_product_attention", "softmax", "linear", "cross_entropy", "relu",
+    "nan_to_num", "grid_sample", "scatter_reduce", "batch_norm", "embedding", "dropout", "alpha_dropout",
+    "feature_alpha_dropout", "scaled_dot_product_attention", "softmax", "linear", "cross_entropy", "relu",
 ]) + [Tensor.__pow__, Tensor.__rpow__, Tensor.__rtruediv__]
 
 _GENERIC_AFFINE, _GENERIC_CURVED, _UNKNOWN = FuncRule(affine=True), FuncRule(), FuncRule(warn=True)
@@ -113,6 +113,7 @@ def _table() -> Dict[object, object]:
     put(Choose(ConvRule(), LinearInOneInput()), [F.conv1d, F.conv2d, F.conv3d])
     put(BatchNormRule(), [F.batch_norm])
     put(EmbeddingRule(), [F.embedding])
+    put(EmbeddingBagRule(), [F.embedding_bag])
     put(Choose(AddRule(1.0), _GENERIC_AFFINE), [torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__])
     put(Choose(AddRule(-1.0), _GENERIC_AFFINE), [torch.sub, Tensor.sub, Tensor.__sub__])
     put(ReshapeRule(), [torch.reshape, Tensor.reshape, Tensor.view, torch.flatten, Tensor.flatten, Tensor.unflatten,

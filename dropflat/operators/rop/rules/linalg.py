@@ -206,3 +206,38 @@ class LinearRule:
         if is_live[2] and Rg3 is not None:
             gb = Rg3.sum(1)
         return self._select(node, [gx, gw, gb])
+
+
+class EmbeddingBagRule:
+    """``F.embedding_bag`` written out as an embedding lookup and a per-bag sum, mean or max, recorded piece by
+    piece (autograd has no double backward for it and torch.func no forward mode)."""
+
+    def decompose(self, input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                  mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+        if max_norm is not None:
+            raise NotImplementedError("F.embedding_bag with max_norm renormalises the table in place during the "
+                                      "forward; Hessian products need max_norm=None")
+        if input.dim() == 2:
+            bags, length = input.shape
+            bag = torch.arange(bags, device=input.device).repeat_interleave(length)
+            index = input.reshape(-1)
+        else:
+            starts = offsets[:-1] if include_last_offset else offsets
+            ends = offsets[1:] if include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([len(input)])])
+            bags = len(starts)
+            bag = torch.arange(bags, device=input.device).repeat_interleave(ends - starts)
+            index = input
+        rows = F.embedding(index, weight, padding_idx=padding_idx)
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights.reshape(-1, 1)
+        kept = torch.ones_like(index, dtype=weight.dtype) if padding_idx is None else \
+            (index != (padding_idx % weight.shape[0])).to(weight.dtype)
+        rows = rows * kept.unsqueeze(-1)  # padding entries leave their bag (not counted in a mean)
+        out = weight.new_zeros(bags, weight.shape[1])
+        if mode == "max":
+            return out.scatter_reduce(0, bag.unsqueeze(-1).expand_as(rows), rows, reduce="amax", include_self=False)
+        out = out.index_add(0, bag, rows)
+        if mode == "mean":
+            count = weight.new_zeros(bags).index_add(0, bag, kept)
+            out = out / count.clamp(min=1).unsqueeze(-1)
+        return out
