@@ -651,10 +651,10 @@ def _resnet(seed):
 def _mobilenet(seed):
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    cfg = MobileNetV2Config(num_channels=2, image_size=16, depth_multiplier=0.1, num_labels=N_CLS,
-                            finegrained_output=False, classifier_dropout_prob=0.2, min_depth=4)
+    cfg = MobileNetV2Config(num_channels=2, image_size=8, depth_multiplier=0.1, num_labels=N_CLS,
+                            finegrained_output=False, classifier_dropout_prob=0.2, min_depth=2)
     return Case("mobilenet_v2", _init_hf(MobileNetV2ForImageClassification(cfg), seed),
-                _hf_batches(_hf_pixels, seed + 1))
+                _hf_batches(lambda n, g: _hf_pixels(n, g, hw=8), seed + 1))
 
 
 def _init_hf(model: nn.Module, seed: int) -> nn.Module:

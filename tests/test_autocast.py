@@ -135,11 +135,10 @@ def test_float16_autocast_products(seed):
 def test_rop_rules_run_in_each_ops_autocast_dtype(seed):
     """The tape records bfloat16 GEMM outputs and a float32 loss; each rule's twin holds its op's dtype."""
     model, loader = smooth_case("mlp", seed)
-    op = dropflat.HessianOperator(model, loader, autocast=torch.bfloat16)
+    op = dropflat.HessianOperator(model, loader, autocast=torch.bfloat16, engine="rop")
     tapes = []
-    op.loss.evaluate(lambda state, leaves, batch: tapes.append(op._first_order(state, leaves, batch, None, False)),
-                     "record")
-    tape = tapes[0].leaves
+    op.loss.evaluate(lambda state, leaves, batch: tapes.append(op._record(state, leaves, batch, None)), "record")
+    tape = tapes[0].tape
     dtypes = {node.name: node.outputs[0].dtype for node in tape.nodes}
     assert dtypes["torch.nn.functional.linear"] == torch.bfloat16
     assert tape.loss.dtype == torch.float32

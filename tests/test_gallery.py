@@ -8,12 +8,13 @@ out). The Hugging Face families are checked the same way on products.
 """
 import warnings
 
+import gallery as G
 import pytest
 import torch
 
-import gallery as G
 from dropflat import HessianOperator
 from dropflat.operators.engines import ENGINES
+
 from families import assert_untouched, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -535,14 +535,31 @@ def test_errors():
         PerSampleGradients(model, loader).combine(torch.zeros(4), method="backward")
     with pytest.raises(ValueError, match="num_masks must be >= 2"):
         noise_decomposition(model, loader, num_masks=1)
-    # A loss that couples the samples (a sum, not a mean, through the fallback's check):
+    # A loss that is not a mean of per-sample terms (a scaled sum), on a model with a fallback layer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m2, l2 = make("bn", 0)
-        with pytest.raises(ValueError, match="do not sum to the batch gradient"):
+        with pytest.raises(ValueError, match="not the size-weighted mean"):
             PerSampleGradients(m2, l2, lambda out, y: F.cross_entropy(out, y, reduction="sum") / 3.0).gram()
     with pytest.raises(ValueError, match="either a stored factor"):
         dropflat.NoiseCovariance()
+
+
+def _coupled(out, y):
+    """A legal loss whose per-sample terms are not independent: logits centred on the batch mean."""
+    return F.cross_entropy(out - out.mean(0, keepdim=True), y)
+
+
+@pytest.mark.parametrize("loss_fn", [lambda out, y: F.cross_entropy(out, y, reduction="sum"), _coupled],
+                         ids=["reduction-sum", "couples-samples"])
+@pytest.mark.parametrize("family", ["mlp", "conv2d"])
+def test_a_loss_that_is_not_a_mean_of_per_sample_terms_is_refused(loss_fn, family, fresh_seed):
+    # Hooked layers only: their sum of per-sample gradients is the batch gradient by construction (one backward),
+    # so only a check on the loss itself (a batch against its halves) can tell; it must, whatever the model.
+    model, loader = make(family, fresh_seed)
+    for run in (lambda p: p.gram(), lambda p: p.norms(), lambda p: dropflat.sgd_noise(model, loader, loss_fn)):
+        with pytest.raises(ValueError, match="not the size-weighted mean"):
+            run(PerSampleGradients(model, loader, loss_fn))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

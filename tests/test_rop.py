@@ -1050,3 +1050,30 @@ def test_a_tape_is_freed_by_reference_counting(autocast):
         assert all(r() is None for r in alive)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dims,groups", [(1, 3), (2, 2), (2, 6), (3, 3)])
+def test_grouped_and_depthwise_convolutions_have_their_own_rule(dims, groups, seed):
+    """Grouped (and depthwise: groups = channels) convolutions run on the convolution rule, not the
+    torch.func fallback, and every product is the dense float64 Hessian's."""
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    pool = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[dims - 1]
+    model = nn.Sequential(conv(6, 6, 3, padding=1, groups=groups, stride=2 if dims < 3 else 1), nn.Tanh(),
+                          conv(6, 12, 3, groups=groups, dilation=1 if dims == 3 else 2), pool(1), nn.Flatten(),
+                          nn.Linear(12, 3)).double()
+    X = torch.randn(5, 6, *([9 if dims < 3 else 5] * dims), dtype=torch.float64)
+    loader = [(X[:3], torch.tensor([0, 1, 2])), (X[3:], torch.tensor([2, 0]))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fallback_warning())  # a fallback would mean the rule was not used
+        H = dropflat.HessianOperator(model, loader, engine="rop", verify=False).to_dense()
+    names, params = zip(*model.named_parameters())
+
+    def loss_of(theta):  # the size-weighted mean over both batches, written out
+        ps = dict(zip(names, dropflat.unflatten(theta, params)))
+        return sum(F.cross_entropy(functional_call(model, ps, (x,)), y) * len(y) for x, y in loader) / len(X)
+
+    ref = torch.autograd.functional.hessian(loss_of, dropflat.flatten(params).detach())
+    err = float((H - ref).norm() / ref.norm())
+    print(f"seed {seed}: relative error {err:.2e}")
+    assert err < 1e-10

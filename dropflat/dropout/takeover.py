@@ -106,13 +106,14 @@ def math_attention(query, key, value, attn_mask=None, is_causal=False, scale=Non
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
-    # A query that may attend to nothing (every score -inf) gets zero weights, as in PyTorch's math kernel,
-    # not the NaN of a softmax over -inf: its row is filled before and after the softmax (a constant mask).
-    dead = torch.isneginf(scores).all(-1, keepdim=True)
-    if bool(dead.any()):
-        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    else:
+    if attn_mask is None and not is_causal:
         weights = torch.softmax(scores, dim=-1)
+    else:
+        # A query that may attend to nothing (every score -inf) gets zero weights, as in PyTorch's math kernel,
+        # not the NaN of a softmax over -inf: its row is filled before and after the softmax (a constant mask;
+        # no branch on its values, so this also runs under torch.func's vmap).
+        dead = torch.isneginf(scores).all(-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return (weights if dropout is None else dropout(weights)) @ value
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from ..data import call_model, map_tensors
+from ..data import call_model, map_tensors, split_batch
 from ..dropout.masks import keep_mask, mask_key
 from ..dropout.takeover import MaskSource, replay_dropout
 from ..kernels.gram import (
@@ -564,6 +564,7 @@ class PerSampleGradients:
                     k += len(calls[mod])
                 if "plan" not in state_box:
                     state_box["plan"] = True
+                    self._check_sample_mean(state, batch, m)
                     self._plan(captured, leaf_grads, B, batch, leaves)
                 for layer in self._layers:
                     a, d = self._layer_ad(layer, captured.get(layer.module, []), B)
@@ -592,6 +593,29 @@ class PerSampleGradients:
         if self._fallback:
             self._fallback_G = torch.cat([torch.cat(p) for p in self._fallback_parts])
             self._fallback_parts = []
+
+    def _check_sample_mean(self, state, batch, mask_index) -> None:
+        """Is the batch loss the mean of independent per-sample terms? Its halves must average back to it.
+
+        Per-sample gradients are ``∇ℓ_i`` with ``B · L(batch) = Σ_i ℓ_i``; a loss that sums
+        (``reduction="sum"``) or couples samples (a batch statistic, a cross-sample term)
+        breaks that. The size-weighted mean of the losses of a batch's two halves equals
+        the whole batch's loss exactly when the identity holds, whatever the parameters:
+        an independent check (the hooked layers' ``Σ_i g_i`` is the batch gradient by
+        construction, so it cannot fail).
+        """
+        if batch.size < 2:
+            return
+        with torch.no_grad():
+            whole = float(self._ml.batch_loss(state, batch, mask_index))
+            parts = list(split_batch(batch, (batch.size + 1) // 2))
+            halves = sum(p.size * float(self._ml.batch_loss(state, p, mask_index)) for p in parts) / batch.size
+        if abs(whole - halves) > self._tol * max(abs(whole), abs(halves), 1e-30):
+            raise ValueError(
+                f"the loss of batch {batch.index} ({whole:.8g}) is not the size-weighted mean of the losses of its "
+                f"halves ({halves:.8g}): per-sample gradients need a loss that is the mean of independent "
+                "per-sample terms. Use reduction='mean' in loss_fn, no loss term that mixes samples, and "
+                "batchnorm='eval'")
 
     @property
     def _tol(self) -> float:

@@ -81,8 +81,9 @@ class AutogradEngine:
             return torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True) if loss.requires_grad \
                 else tuple(None for _ in leaves)
 
-        # Count what the graph keeps alive (the parameters exist anyway).
-        grads, saved = saved_bytes(first_order, exclude=leaves) if measure else (first_order(), 0)
+        # Count what the graph keeps alive (the parameters exist anyway): a pack hook per saved tensor,
+        # cheap beside the pass, and what sizes every engine's product chunks (HessianOperator._chunk).
+        grads, saved = saved_bytes(first_order, exclude=leaves)
         # Parameters whose gradient is constant (or absent) contribute no curvature.
         grads = [g if g is not None and g.requires_grad else None for g in grads]
         return Primal(self.name, saved, leaves=leaves, grads=grads)

@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..memory import check_budget, fit_chunk
 from ..memory import default_budget as _default_budget
@@ -52,6 +54,11 @@ __all__ = ["HessianOperator", "ENGINES", "RopVerificationError"]
 
 CPU_CHUNK_VECTORS = 4        # most directions carried together on a CPU
 CPU_CHUNK_BYTES = 128 << 20  # most working set of a chunk on a CPU
+
+# engine="auto" measures once per model and configuration in a process, then keeps that engine (still
+# verified on each operator's first batch): timings are noisy, and two operators on the same model, loader
+# and settings must give bit-identical products (a resumed Lanczos run, a repeated spectrum).
+_CHOSEN: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
 class HessianOperator(LinearOperator):
@@ -127,6 +134,7 @@ class HessianOperator(LinearOperator):
         self._rules: Optional[RuleOverrides] = None
         self.max_memory = check_budget(max_memory)
         self.peak_bytes = 0  # the largest working set of a product so far (estimated on the CPU)
+        self._activation_bytes = 0  # the largest first-order pass measured so far (see _chunk)
         self.loss = ModelLoss(model, loader, loss_fn, params=params, dropout=dropout, batchnorm=batchnorm,
                               num_batches=num_batches, device=device, dtype=dtype, batch_fn=batch_fn,
                               progress=progress, mask_seed=mask_seed, mask_index=mask_index,
@@ -170,7 +178,9 @@ class HessianOperator(LinearOperator):
             if self.choice is None:
                 self._choose(state, leaves, batch, V.shape[1])
             for m in self.loss.mask_indices:  # one graph at a time: memory of one forward, whatever the masks
-                keep = cache is not None and cache.accepting
+                # torch.func's products run the model again from scratch: nothing to retain, and they must
+                # run inside the pass (its dropout/BatchNorm modes), not on a retained graph after it.
+                keep = cache is not None and cache.accepting and self.engine != "func"
                 primal = self._record(state, leaves, batch, m, measure=keep)
                 weight = batch.size / len(self.loss.mask_indices)
                 self._products(primal, weight, tangents, out)
@@ -197,20 +207,23 @@ class HessianOperator(LinearOperator):
         return self._engine().record(lambda s: self.loss.batch_loss(s, batch, mask_index), state, leaves,
                                      self.loss.model, measure=measure)
 
-    def _first_order(self, state, leaves, batch, mask_index, measure: bool):
-        """One batch's primal pass as ``(weight, primal)`` (kept for callers that inspect tapes)."""
-        weight = batch.size / len(self.loss.mask_indices)
-        return weight, self._record(state, leaves, batch, mask_index, measure)
-
     def _chunk(self, primal: Primal, k: int) -> int:
-        """How many directions go through together: what fits ``max_memory`` (and a CPU's sweet spot)."""
-        if primal.engine == "autograd":
-            return k  # one vector at a time inside the engine; the block is only stacked
-        per_vector = max(1, primal.nbytes)  # tangents and R-adjoints: one activation set each, per vector
+        """How many directions go through together: what fits ``max_memory`` (and a CPU's sweet spot).
+
+        A direction's working set is about one set of activations, whatever the engine (tangents and
+        R-adjoints, a vmapped forward and backward, or one backward through the graph): the largest
+        first-order pass measured so far stands in for an engine that measures none (``func``).
+        """
+        self._activation_bytes = max(self._activation_bytes, primal.nbytes)
+        per_vector = max(1, self._activation_bytes)
         budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
+        one_at_a_time = primal.engine == "autograd"  # the engine runs one vector at a time; blocks are stacked
         chunk = fit_chunk("the working set of a Hessian-vector product on this batch (tangents, R-adjoints)",
-                          per_item=per_vector, max_memory=budget, limit=k,
+                          per_item=per_vector, max_memory=budget, limit=1 if one_at_a_time else k,
                           fixes="use smaller batches, autocast=torch.bfloat16, or raise max_memory")
+        if one_at_a_time:
+            self.peak_bytes = max(self.peak_bytes, per_vector + primal.nbytes)
+            return k
         if self.device.type == "cpu":
             # On a CPU the k-fold tangents stream from memory: measured on ResNet-20 / an MLP / a
             # Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
@@ -239,7 +252,9 @@ class HessianOperator(LinearOperator):
         mask = self.loss.mask_indices[0]
         choice = EngineChoice(self.requested_engine, self.engine, k, retained)
         requested = self.requested_engine
-        candidates = EXACT_ENGINES if requested == "auto" else (requested,)
+        memo_key = self._memo_key(batch, k, retained)
+        remembered = _CHOSEN.get(self.loss.model, {}).get(memo_key) if requested == "auto" else None
+        candidates = (remembered,) if remembered else EXACT_ENGINES if requested == "auto" else (requested,)
 
         def recorder(full_precision: bool):
             def run(eng):
@@ -263,13 +278,22 @@ class HessianOperator(LinearOperator):
             if check is not None and check.passed is False and requested != "auto":
                 raise RopVerificationError(self._failure(name, check)) if name == "rop" else \
                     RuntimeError(self._failure(name, check))
-            if requested == "auto" and (check is None or check.passed is not False):
-                cand = time_engine(name, recorder(False), timing_block, rules[name], repeat=1 if self.verify else 2)
+            if requested == "auto" and not remembered and (check is None or check.passed is not False):
+                cand = time_engine(name, recorder(False), timing_block, rules[name], repeat=1 if self.verify else 2,
+                                   chunk_of=self._chunk)
             else:
                 cand = Candidate(name, k_time)
             cand.check = check
             choice.candidates.append(cand)
-        chosen = self._pick(choice, retained, math.ceil(k / k_time))
+        if remembered:
+            if choice.candidates[0].check is not None and choice.candidates[0].check.passed is False:
+                _CHOSEN[self.loss.model].pop(memo_key)  # it no longer verifies here: measure them all again
+                return self._choose(state, leaves, batch, k)
+            chosen = remembered
+        else:
+            chosen = self._pick(choice, retained, math.ceil(k / k_time))
+            if requested == "auto":
+                _CHOSEN.setdefault(self.loss.model, {})[memo_key] = chosen
         choice.engine = chosen
         self.engine = chosen
         self._rules = rules.get(chosen)
@@ -277,6 +301,13 @@ class HessianOperator(LinearOperator):
             choice.replaced_rules = sorted(self._replaced_names)
         choice.seconds = time.perf_counter() - began
         self.choice = choice
+
+    def _memo_key(self, batch, k: int, retained: bool) -> tuple:
+        """What the measured choice of engine depends on (see ``_CHOSEN``)."""
+        shapes = tuple(tuple(t.shape) for t in tree_leaves((batch.inputs, batch.targets)) if torch.is_tensor(t))
+        return (self.dtype, str(self.device), self.loss.dropout, self.loss.batchnorm, self.autocast,
+                self.loss.loss_fn, min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k, retained,
+                shapes, self.verify)
 
     @contextlib.contextmanager
     def _precision(self, full: bool):
@@ -417,3 +448,4 @@ class _GraphCache:
         incomplete = torch.tensor([int(not self.complete)], dtype=torch.int64, device=loss.device)
         loss.reduce_(incomplete)
         return int(incomplete) == 0
+

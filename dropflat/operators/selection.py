@@ -23,7 +23,7 @@ from .rop.rules import RULES
 from .rop.rules.elementwise import DropoutRule
 from .rop.rules.generic import FuncRule
 from .rop.tape import func_key
-from .selfcheck import Check, Reference, compare
+from .selfcheck import Check, Reference, compare, user_error
 
 __all__ = ["Candidate", "EngineChoice", "RopVerificationError", "RuleOverrides", "time_engine", "locate_rules"]
 
@@ -105,8 +105,12 @@ def explicit_keys(primal: Primal) -> List[object]:
 
 
 def time_engine(name: str, run_record: Callable[[object], Primal], tangents: List[Tensor],
-                rules: Optional[Callable] = None, repeat: int = 1) -> Candidate:
-    """Record and run ``k`` products ``repeat`` times with engine ``name``; keep the fastest of each."""
+                rules: Optional[Callable] = None, repeat: int = 1,
+                chunk_of: Optional[Callable[[Primal, int], int]] = None) -> Candidate:
+    """Record and run ``k`` products ``repeat`` times with engine ``name``; keep the fastest of each.
+
+    ``chunk_of(primal, k)``: how many directions go through together, as the operator would serve them.
+    """
     eng = engine(name, rules)
     k = tangents[0].shape[0]
     cand = Candidate(name, k)
@@ -115,11 +119,15 @@ def time_engine(name: str, run_record: Callable[[object], Primal], tangents: Lis
             began = time.perf_counter()
             primal = run_record(eng)
             mid = time.perf_counter()
-            eng.products(primal, tangents)
+            chunk = k if chunk_of is None else chunk_of(primal, k)
+            for lo in range(0, k, chunk):
+                eng.products(primal, [t[lo:lo + chunk] for t in tangents])
             end = time.perf_counter()
             cand.record_s = mid - began if cand.record_s is None else min(cand.record_s, mid - began)
             cand.product_s = end - mid if cand.product_s is None else min(cand.product_s, end - mid)
     except Exception as e:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
+        if user_error(e):
+            raise
         cand.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         cand.record_s = cand.product_s = None
     return cand
@@ -135,6 +143,8 @@ def check_engine(name: str, run_record: Callable[[object], Primal], ref: Referen
         product = eng.products(primal, v)
         gradient = primal.tape.gradient() if name == "rop" else None
     except Exception as e:  # noqa: BLE001
+        if user_error(e):
+            raise
         return Check(name, False, ref.kind, problem=f"{type(e).__name__}: {str(e).strip()[:300]}",
                      seconds=time.perf_counter() - began)
     check = compare(name, ref, product, names, gradient)

@@ -142,6 +142,19 @@ def _in_float64(state: Dict[str, Tensor], leaves: List[Tensor], batch: Batch):
     return state64, leaves64, batch64
 
 
+def user_error(e: BaseException) -> bool:
+    """Whether ``e`` must reach the user rather than mark a candidate engine as unusable.
+
+    A candidate fails with PyTorch's or Python's own errors (an op torch.func cannot transform, a graph
+    autograd cannot differentiate twice); an exception class the user's code defined, or a budget
+    refusal (``MemoryError``, which every engine would meet), is the user's to see.
+    """
+    if isinstance(e, MemoryError):
+        return True
+    module = type(e).__module__ or ""
+    return not (module == "builtins" or module.split(".")[0] in ("torch", "dropflat", "triton"))
+
+
 def reference(batch_loss: Callable[[Dict[str, Tensor], Batch], Tensor], state: Dict[str, Tensor],
               leaves: List[Tensor], batch: Batch, v: Blocks) -> Reference:
     """Autograd's gradient and ``H v`` on ``batch`` (see the module docstring for the choice of reference)."""
@@ -152,6 +165,8 @@ def reference(batch_loss: Callable[[Dict[str, Tensor], Batch], Tensor], state: D
     try:
         grad, own = _double_backward(lambda s: batch_loss(s, batch), state, leaves, v)
     except RuntimeError as e:
+        if user_error(e):
+            raise
         problems.append(f"double backward failed ({_first_line(e)})")
     if own is not None and dtype == torch.float64:
         return Reference("double backward (float64)", grad, own, 1e-10, own, time.perf_counter() - began)
@@ -168,6 +183,8 @@ def reference(batch_loss: Callable[[Dict[str, Tensor], Batch], Tensor], state: D
         return Reference("finite differences of the loss (float64)", None, None, 1e-4, None,
                          time.perf_counter() - began, "; ".join(problems) or None, slope, curvature, v)
     except (RuntimeError, TypeError, ValueError) as e:
+        if user_error(e):
+            raise
         problems.append(f"float64 evaluation failed ({_first_line(e)})")
     if own is not None:
         return Reference(f"double backward ({str(dtype).replace('torch.', '')})", grad, own,

@@ -8,11 +8,14 @@ from .generic import _k
 
 
 class ConvRule:
-    """``y = conv(x, W) + b`` (1-D/2-D/3-D, ``groups=1``): the linear layer's rule with convolutions.
+    """``y = conv(x, W) + b`` (1-D/2-D/3-D, any ``groups``): the linear layer's rule with convolutions.
 
     ``R x ⋆ W`` runs as one convolution over ``k·N`` samples; ``x ⋆ V_W`` as one
     convolution with ``k·C_out`` output channels; the weight adjoints likewise
-    fold ``k`` into the channels of one ``convolution_backward``.
+    fold ``k`` into the channels of one ``convolution_backward``. With ``G``
+    groups, a folded channel axis is ordered ``(group, direction, channel)``:
+    a grouped convolution sees each group's channels as one contiguous block,
+    so the ``k`` directions of a group ride inside its block (:func:`_fold`).
     """
 
     @staticmethod
@@ -45,16 +48,16 @@ class ConvRule:
                     groups=int(vals["groups"]))
 
     def fits(self, node) -> bool:
-        """``groups=1`` and numeric padding (anything else goes to the generic rule)."""
+        """Numeric padding and a batched input (string padding, unbatched input: the generic rule)."""
         x, w, _, _ = self._parts(node)
         conf = self._conf(node, w)
-        return conf is not None and conf["groups"] == 1 and x.dim() == w.dim()
+        return conf is not None and x.dim() == w.dim()
 
     def _conv(self, x, w, c):
         return F.conv1d if w.dim() == 3 else F.conv2d if w.dim() == 4 else F.conv3d
 
     def _fwd(self, x, w, c):
-        return self._conv(x, w, c)(x, w, None, c["stride"], c["padding"], c["dilation"], 1)
+        return self._conv(x, w, c)(x, w, None, c["stride"], c["padding"], c["dilation"], c["groups"])
 
     @staticmethod
     def _bwd(grad, x, w, c, mask):
@@ -63,7 +66,7 @@ class ConvRule:
             return t if isinstance(t, torch.Tensor) else grad.new_empty(()).expand(tuple(t))
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, real(x), real(w), None, list(c["stride"]), list(c["padding"]), list(c["dilation"]), False,
-            [0] * len(c["stride"]), 1, [mask[0], mask[1], False])
+            [0] * len(c["stride"]), c["groups"], [mask[0], mask[1], False])
         return gx, gw
 
     @staticmethod
@@ -74,7 +77,7 @@ class ConvRule:
                zip(grad.shape[2:], c["stride"], c["padding"], c["dilation"], ks)]
         extra = [int(want) - got for want, got in zip(spatial, pad)]
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[w.dim() - 3]
-        return fn(grad, w, None, c["stride"], c["padding"], extra, 1, c["dilation"])
+        return fn(grad, w, None, c["stride"], c["padding"], extra, c["groups"], c["dilation"])
 
     def tangent(self, node, t_in):
         x, w, b, is_live = self._parts(node)
@@ -86,8 +89,8 @@ class ConvRule:
         out = None
         if tx is not None:
             out = self._fwd(tx.flatten(0, 1), w, c).unflatten(0, (k, x.shape[0]))
-        if tw is not None:
-            xv = self._fwd(x, tw.flatten(0, 1), c).unflatten(1, (k, w.shape[0])).transpose(0, 1)
+        if tw is not None:  # k weights stacked as output channels (group, direction, channel)
+            xv = _unfold(self._fwd(x, _fold(tw, 1, c["groups"]), c), 1, k, c["groups"])
             out = xv if out is None else out + xv
         if tb is not None:
             tb = tb.reshape((k, 1, w.shape[0]) + (1,) * (y.dim() - 2))
@@ -110,25 +113,41 @@ class ConvRule:
         g, Rg = g_out[0], Rg_out[0]
         k = _k([Rg, *t_in])
         N, C_in = x.shape[:2]
-        C_out = w.shape[0]
+        C_out, G = w.shape[0], c["groups"]
         gx = gw = gb = None
         if is_live[0]:
             if Rg is not None:
                 gx = self._input_grad(Rg.flatten(0, 1), w, c, x.shape[2:]).unflatten(0, (k, N))
-            if tw is not None and g is not None:  # g ⋆ᵀ V_W for all k at once: V_W stacked as [C_out, k·C_in, ...]
+            if tw is not None and g is not None:  # g ⋆ᵀ V_W for all k at once: V_W stacked as [C_out, k·C_in/G, ...]
                 gv = self._input_grad(g, tw.transpose(0, 1).flatten(1, 2), c, x.shape[2:])
-                gv = gv.unflatten(1, (k, C_in)).transpose(0, 1)
-                gx = gv if gx is None else gx + gv
+                gx = _unfold(gv, 1, k, G) if gx is None else gx + _unfold(gv, 1, k, G)
         if is_live[1]:
             if Rg is not None:  # R gᵀ x, k folded into the output channels
-                Rgc = Rg.transpose(0, 1).flatten(1, 2)
-                gw = self._bwd(Rgc, x, (k * C_out,) + tuple(w.shape[1:]), c, (False, True))[1]
-                gw = gw.unflatten(0, (k, C_out))
+                gw = self._bwd(_fold(Rg, 2, G), x, (k * C_out,) + tuple(w.shape[1:]), c, (False, True))[1]
+                gw = _unfold(gw.unsqueeze(0), 1, k, G).squeeze(1)
             if tx is not None and g is not None:  # gᵀ R x, k folded into the input channels
-                txc = tx.transpose(0, 1).flatten(1, 2)
-                gr = self._bwd(g, txc, (C_out, k * C_in) + tuple(w.shape[2:]), c, (False, True))[1]
-                gr = gr.unflatten(1, (k, C_in)).transpose(0, 1)
+                gr = self._bwd(g, _fold(tx, 2, G), (C_out, k * (C_in // G)) + tuple(w.shape[2:]), c,
+                               (False, True))[1]
+                gr = gr.unflatten(1, (k, C_in // G)).transpose(0, 1)
                 gw = gr if gw is None else gw + gr
         if is_live[2] and Rg is not None:
             gb = Rg.sum([1] + list(range(3, Rg.dim())))
         return [v for v, lv in zip((gx, gw, gb), is_live) if lv]
+
+
+def _fold(t: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    """``[k, ..., C, ...]`` (channels at ``dim``) to ``[..., k·C, ...]`` ordered ``(group, direction, channel)``.
+
+    ``dim`` counts the leading ``k``: 1 for a weight ``[k, C_out, C_in/G, ...]``, 2 for activations
+    ``[k, N, C, ...]`` (which lose ``k`` into their channel axis, ``dim - 1``).
+    """
+    k, C = t.shape[0], t.shape[dim]
+    t = t.unflatten(dim, (groups, C // groups)).movedim(0, dim)  # [..., G, k, C/G, ...]
+    return t.flatten(dim - 1, dim + 1)
+
+
+def _unfold(t: torch.Tensor, dim: int, k: int, groups: int) -> torch.Tensor:
+    """Inverse of :func:`_fold` on an output ``[N, k·C, ...]`` (channels at ``dim``): ``[k, N, C, ...]``."""
+    C = t.shape[dim] // k
+    t = t.unflatten(dim, (groups, k, C // groups)).movedim(dim + 1, 0)  # [k, ..., G, C/G, ...]
+    return t.flatten(dim + 1, dim + 2)
