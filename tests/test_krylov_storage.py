@@ -261,14 +261,17 @@ def test_memory_error_against_available_memory(monkeypatch):
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(basis_device="host"), dict(basis_dtype=torch.bfloat16),
                                      dict(basis_dtype=torch.bfloat16, basis_device="host")])
-def test_resume_with_storage_options_is_bit_identical(tmp_path, fresh_seed, options):
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_resume_with_storage_options_is_bit_identical(tmp_path, fresh_seed, options, block_size):
     A = known_matrix(hessian_like(80, fresh_seed), fresh_seed, torch.float32)
     path = tmp_path / "lanczos.pt"
-    kw = dict(k=3, ncv=9, tol=1e-2, seed=fresh_seed, max_iter=400, eigenvectors=True, **options)
+    kw = dict(k=3, ncv=9 if block_size == 1 else 12, tol=1e-2, seed=fresh_seed, max_iter=400, eigenvectors=True,
+              block_size=block_size, **options)
     ref = dropflat.lanczos(Flaky(A), **kw)
     n, L = ref.n_matvecs, ref.n_matvecs // 3
     assert L >= 3 and 2 * L < n - 3
-    got = resume_until_done(lambda op: dropflat.lanczos(op, **kw, checkpoint=path, checkpoint_every=3),
+    every = 3 // block_size  # calls between saves: every 3 products for b = 1, every block for b = 3
+    got = resume_until_done(lambda op: dropflat.lanczos(op, **kw, checkpoint=path, checkpoint_every=every),
                             lambda lim: Flaky(A, lim), [L, L])
     assert got.manifest["resumed_from"] > 0
     assert torch.equal(got.eigenvalues, ref.eigenvalues) and torch.equal(got.eigenvectors, ref.eigenvectors)
@@ -323,15 +326,37 @@ def test_density_with_a_bfloat16_basis_integrates_the_stored_start_vector(fresh_
 
 
 # -- options and errors ---------------------------------------------------------------------------------------------
-def test_block_method_refuses_storage_options():
-    A = known_matrix(np.linspace(1, 2, 60), 0)
-    for options, name in [(dict(basis_device="host"), "basis_device"), (dict(basis_dtype=torch.bfloat16),
-                                                                       "basis_dtype"),
-                          (dict(shard_vectors=True), "shard_vectors")]:
-        with pytest.raises(ValueError, match=f"{name}.*method='single'"):
-            dropflat.lanczos(A, k=2, method="block", **options)
+@pytest.mark.parametrize("block_size", [2, 4])
+@pytest.mark.parametrize("storage_option", ["device", "host", "float32-streamed", "bfloat16-streamed"])
+def test_every_storage_option_for_blocks_against_eigh(block_size, storage_option, fresh_seed, monkeypatch):
+    """Block Lanczos on each basis layout: eigenpairs of the dense reference, every option accepted for b > 1."""
+    import dropflat.linalg.storage as storage
+
+    A = known_matrix(hessian_like(300, fresh_seed), fresh_seed)
+    w = np.linalg.eigvalsh(A.numpy())[::-1]
+    options, tol = {"device": ({}, 1e-8), "host": (dict(basis_device="host"), 1e-8),
+                    "float32-streamed": (dict(basis_dtype=torch.float32), 1e-5),
+                    "bfloat16-streamed": (dict(basis_dtype=torch.bfloat16), 1e-2)}[storage_option]
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 16 << 10)  # several row blocks of the 300 rows when streamed
+    spec = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, eigenvectors=True, **options)
+    assert spec.manifest["block_size"] == block_size and spec.all_converged
+    assert spec.manifest["basis"]["dtype"] == str(options.get("basis_dtype", torch.float64))
+    V = spec.eigenvectors.T
+    explicit = (A @ V - V * spec.eigenvalues).norm(dim=0)
+    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=1e-13)
+    assert torch.all(explicit <= tol * spec.eigenvalues.abs() + 1e-12)
+    # A Ritz value with residual r is within r of an eigenvalue; the top four are separated by >= 0.8.
+    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:4]) <= explicit.numpy() + 1e-12)
+    # The values are the Rayleigh quotients of the returned unit vectors (rounded storage included).
+    rayleigh = torch.einsum("pi,pq,qi->i", V, A, V)
+    np.testing.assert_allclose(spec.eigenvalues.numpy(), rayleigh.numpy(), rtol=1e-10)
+    if storage_option == "host":  # on a CPU machine host storage is device storage: the same bits
+        dev = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, eigenvectors=True)
+        assert torch.equal(dev.eigenvectors, spec.eigenvectors) and dev.n_matvecs == spec.n_matvecs
     # The operator's own dtype is no option at all.
-    assert dropflat.lanczos(A, k=2, method="block", basis_dtype=torch.float64).manifest["block_size"] == 2
+    if storage_option == "device":
+        same = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, basis_dtype=torch.float64)
+        assert torch.equal(same.eigenvalues, spec.eigenvalues)
 
 
 def test_bad_storage_arguments():
