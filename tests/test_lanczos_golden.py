@@ -9,7 +9,6 @@ cases' tolerances.
 import numpy as np
 import pytest
 import torch
-
 from lanczos_golden import DENSITY_CASES, GOLDEN, LANCZOS_CASES, platform_tag, run_density, run_lanczos
 
 pytestmark = pytest.mark.usefixtures("one_thread")

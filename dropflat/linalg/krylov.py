@@ -1,11 +1,27 @@
-"""A Lanczos basis with full reorthogonalisation, shared by the eigensolver and SLQ.
+r"""A block-Krylov basis with full reorthogonalisation, shared by the eigensolver (any block size) and SLQ.
 
-Each step applies the operator once, orthogonalises the result against the
+Each step applies the operator once to the newest block of ``b`` vectors
+(``b = 1``: single-vector Lanczos), orthogonalises the products against the
 whole basis twice (classical Gram–Schmidt, twice is enough: Giraud et al. 2005)
-and records the projection coefficients in the small projected matrix ``T``.
+and factors the remainder into the next block, ``W = X R`` (``b = 1``: ``R = β =
+‖w‖``; ``b > 1``: Householder QR, column by column when the block is nearly
+dependent). The projection coefficients fill the small projected matrix ``T``
+and ``R`` the coupling ``B`` of the block-Krylov relation
+
+.. math::
+
+    A V_m = V_m T_m + X_{next} B_m, \qquad T_m = V_m^T A V_m,
+
+so a Ritz pair ``(θ, V_m y)`` has residual ``‖B_m y‖`` (``|β y_m|`` for ``b = 1``).
 Full reorthogonalisation keeps the basis orthonormal to working precision, so
-Ritz values carry no spurious copies and the Ritz residual estimate
-``|β_m y_m|`` is trustworthy.
+Ritz values carry no spurious copies and that estimate is trustworthy. A
+remainder at rounding level means an invariant subspace: the direction is
+replaced by a fresh seeded random one (zero row in ``B``).
+
+**Thick restart** (Wu & Simon 2000; Krylov–Schur, Stewart 2001): with
+``T_m = Y Θ Yᵀ``, keep the ``l`` most wanted Ritz vectors ``V_m Y_l``; the relation
+holds again with ``T = diag(Θ_l)`` and coupling ``B_m Y_l``, and the next step
+continues from the same next block.
 
 **Where the vectors live** is a :class:`~dropflat.linalg.storage.BasisStore`'s
 business (device or host memory, working or reduced precision, all rows or one

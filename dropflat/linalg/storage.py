@@ -276,7 +276,7 @@ class BasisStore:
         return self.V[:, j0:j1].to(device=self.layout.work_device, dtype=self.layout.work_dtype)
 
     def put(self, j: int, w: torch.Tensor) -> None:
-        """Store ``w`` (this rank's rows; a vector, or a block of columns from ``j`` on), rounded to the storage dtype."""
+        """Store ``w`` (this rank's rows: a vector, or columns ``j, j + 1, ...``), rounded to the storage dtype."""
         if w.dim() == 1:
             self.V[:, j] = w
         else:
