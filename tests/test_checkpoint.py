@@ -103,7 +103,8 @@ def test_lanczos_resume_is_bit_identical(tmp_path, fresh_seed, dtype):
 def test_lanczos_resume_on_a_model_hessian(tmp_path):
     model, loader = make_case("mlp-tanh", 3)
     before = snapshot(model)
-    kw = dict(k=3, ncv=8, tol=1e-8, seed=1, max_iter=60)
+    # (engine and block size given: "auto" would choose them by timing, and the two runs must not differ)
+    kw = dict(k=3, ncv=8, tol=1e-8, seed=1, max_iter=60, block_size=1, engine="autograd")
     ref = dropflat.lanczos(model, loader, **kw)
     path = tmp_path / "h.pt"
     # Without graph reuse each product is one loss call per batch (3 batches): die in product 11.
