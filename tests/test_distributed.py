@@ -322,7 +322,8 @@ def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
     for r, got in enumerate(ranks):
         for mode in ("sharded", "replicated"):
             for key in ("values", "vectors", "nodes", "weights", "block_values", "block_vectors"):
-                value = aligned(got[f"{mode}_{key}"], ref[key]) if key == "vectors" else got[f"{mode}_{key}"]
+                value = (aligned(got[f"{mode}_{key}"], ref[key]) if key in ("vectors", "block_vectors")
+                         else got[f"{mode}_{key}"])
                 assert close(value, ref[key]), f"rank {r}: {mode} {key} differs"
             # bfloat16 basis of a float32 operator: a stored entry whose rounding flips on an ulp's difference
             # (partial sums add up in another order) moves by u = 4e-3 of itself, so the runs need not agree to
