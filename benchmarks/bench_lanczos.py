@@ -8,9 +8,14 @@ batches; each is timed for one round (they take tens of seconds to minutes).
 
 Methods, in the pytest-benchmark group ``lanczos-top<k>``:
 
-* ``dropflat``: ``dropflat.lanczos(model, loader, k=k, tol=1e-3)`` (the defaults: the batched
-  R-operator engine; on a CPU, single-vector thick-restart Lanczos);
-* ``dropflat_block``: the same with ``method="block"`` (k vectors per product).
+* ``dropflat``: ``dropflat.lanczos(model, loader, k=k, tol=1e-3)`` (the defaults: the engine and the
+  block size chosen by timing the products; on a CPU that is usually ``b = 1``, single-vector
+  thick-restart Lanczos);
+* ``dropflat_block``: the same with ``method="block"`` (``min(k, 16)`` vectors per operator call).
+
+Run as a script, ``python benchmarks/bench_lanczos.py --problems cnn transformer --k 10`` sweeps the block
+size instead (:func:`block_size_sweep`: products, calls and time to top-k for ``b = 1, 2, 4, 8`` and
+what ``method="auto"`` chooses, on the GPU when there is one).
 * ``pyhessian``: ``pyhessian.hessian(model, criterion, dataloader=loader,
   cuda=False).eigenvalues(top_n=k)`` at its defaults (deflated power
   iteration, maxIter=100 per eigenvalue, tol=1e-3 on the change between
@@ -199,8 +204,8 @@ def test_dropflat(benchmark, k):
 
 @K_PARAM
 def test_dropflat_block(benchmark, k):
-    """``method="block"``: thick-restart block Lanczos (``k`` vectors per product) on the same engine. On a
-    CPU ``lanczos`` picks single-vector Lanczos (``method="auto"``); this row shows what blocks cost there."""
+    """``method="block"``: thick-restart block Lanczos (``min(k, 16)`` vectors per call) on the same engine. On
+    a CPU ``method="auto"`` usually measures ``b = 1`` faster; this row shows what blocks cost there."""
     model, loader, _ = get_problem()
     reference()
     benchmark.group = f"lanczos-top{k}"
