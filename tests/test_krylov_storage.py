@@ -118,15 +118,18 @@ def exact_ritz_values(A, V):
     return np.linalg.eigvalsh((Q.T @ A.double() @ Q).numpy())
 
 
-def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed):
+@pytest.mark.parametrize("block_size", [1, 5])
+def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed, block_size):
     """Ritz values of a bfloat16 basis equal those of its span; the naive ``eigh(T)`` is off by about ``u·‖A‖``."""
-    P = 300
+    P, b = 300, block_size
     A = known_matrix(hessian_like(P, fresh_seed), fresh_seed)
     op = DenseOperator(A)
-    store = BasisStore(layout(P, 31, torch.bfloat16, torch.float64))
-    basis = KrylovBasis(op, 30, random_vectors((P,), fresh_seed, torch.float64, "cpu"), store=store)
-    for _ in range(25):
+    store = BasisStore(layout(P, 30 + b, torch.bfloat16, torch.float64))
+    start = random_vectors((P,) if b == 1 else (P, b), fresh_seed, torch.float64, "cpu")
+    basis = KrylovBasis(op, 30, start, store=store, block_size=b)
+    for _ in range(25 // b):
         basis.expand()
+    assert basis.m == 25
     Vs = basis.V[:, :25].double()
     assert np.allclose(basis.M[:25, :25], (Vs.T @ Vs).numpy(), rtol=0, atol=1e-14)
     assert np.allclose(basis.T[:25, :25], (Vs.T @ A @ Vs).numpy(), rtol=0, atol=1e-12)
@@ -141,21 +144,24 @@ def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed):
     assert err_naive > max(100 * err_general, 1e-6 * 10), (err_naive, err_general)
 
 
-def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed):
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed, block_size):
     """After a thick restart the kept bfloat16 Ritz vectors' ``T`` block matches ``X̃ᵀAX̃`` to second order."""
-    P = 300
+    P, b = 300, block_size
     A = known_matrix(hessian_like(P, fresh_seed), fresh_seed)
     op = DenseOperator(A)
-    basis = KrylovBasis(op, 20, random_vectors((P,), fresh_seed, torch.float64, "cpu"),
-                        store=BasisStore(layout(P, 21, torch.bfloat16, torch.float64)))
-    for _ in range(20):
+    start = random_vectors((P,) if b == 1 else (P, b), fresh_seed, torch.float64, "cpu")
+    basis = KrylovBasis(op, 20, start, store=BasisStore(layout(P, 20 + b, torch.bfloat16, torch.float64)),
+                        block_size=b)
+    for _ in range(20 // b):
         basis.expand()
+    assert basis.full
     theta, Y, _ = basis.ritz()
     keep = np.argsort(-theta)[:12]
     basis.restart(theta[keep], Y[:, keep])
-    Xs = basis.V[:, :13].double()
+    Xs = basis.V[:, :12 + b].double()
     exact_T = (Xs[:, :12].T @ A @ Xs[:, :12]).numpy()
-    assert np.allclose(basis.M[:13, :13], (Xs.T @ Xs).numpy(), rtol=0, atol=1e-14)
+    assert np.allclose(basis.M[:12 + b, :12 + b], (Xs.T @ Xs).numpy(), rtol=0, atol=1e-14)
     err_first_order = np.abs(basis.T[:12, :12] - exact_T).max()
     err_diagonal = np.abs(np.diag(theta[keep]) - exact_T).max()  # the orthonormal-basis restart formula
     # Left out: ΔᵀAΔ = O(u²‖A‖) (u²‖A‖ = 1.5e-4 here) and ΔᵀR, small for rounding errors uncorrelated with R.
@@ -163,7 +169,7 @@ def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed):
     assert err_first_order <= U_BF16 ** 2 * 10, err_first_order
     assert err_first_order < 0.02 * err_diagonal, (err_first_order, err_diagonal)
     # and the restarted basis goes on: Ritz values equal Rayleigh-Ritz on the stored span to that level.
-    for _ in range(5):
+    for _ in range(max(1, 5 // b)):
         basis.expand()
     theta2, _, _ = basis.ritz()
     exact = exact_ritz_values(A, basis.V[:, :basis.m])
