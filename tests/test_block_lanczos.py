@@ -368,3 +368,47 @@ def test_bad_operator():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a converged run warns about nothing
         block_lanczos(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)), k=2, tol=1e-8)
+
+
+# -- method="auto": the block size by measurement ------------------------------------------------------------------
+
+class Timed(Counting):
+    """A matrix whose calls take ``fixed + per_vector·b`` seconds (a model's Hessian: a pass, then per-vector work)."""
+
+    batched_products = True  # (declares products worth timing, as a HessianOperator does)
+
+    def __init__(self, matrix, fixed, per_vector):
+        super().__init__(matrix)
+        self.fixed, self.per_vector = fixed, per_vector
+
+    def _matmat(self, V):
+        import time
+
+        time.sleep(self.fixed + self.per_vector * V.shape[1])
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("regime", ["pass-bound", "vector-bound"])
+def test_auto_chooses_the_block_size_by_timing_the_operator(regime, fresh_seed):
+    # Pass-bound (a GPU's batched products): a block of 8 costs about one vector, so blocks win by the model's
+    # prediction (vectors 1 + (b - 1)/4 times those of b = 1, over b times fewer calls). Vector-bound (a CPU's
+    # memory-bound products): a block of b costs b vectors, and b = 1 multiplies the fewest.
+    eigs = np.concatenate([np.linspace(10, 6, 8), np.random.default_rng(fresh_seed).uniform(0, 5, 292)])
+    A = known_matrix(eigs, fresh_seed)
+    fixed, per_vector = (0.03, 0.0005) if regime == "pass-bound" else (0.0, 0.01)
+    op = Timed(A, fixed, per_vector)
+    spec = dropflat.lanczos(op, k=8, tol=1e-6, seed=fresh_seed)
+    choice = spec.manifest["block_choice"]
+    print(regime, choice)
+    assert choice["measured"] and choice["probe_products"] == 2 + 8 and op.vectors == spec.n_matvecs + 10
+    t1, t8 = choice["seconds_per_call"]["1"], choice["seconds_per_call"]["8"]
+    assert t1 >= fixed + per_vector and t8 >= fixed + 8 * per_vector  # what was slept, at least
+    if regime == "pass-bound":
+        assert spec.manifest["block_size"] == 8
+    else:
+        assert spec.manifest["block_size"] == 1
+    assert spec.all_converged
+    np.testing.assert_allclose(spec.eigenvalues.numpy(), np.sort(eigs)[::-1][:8], rtol=1e-6)
+    # A block size given is used as given, without timing.
+    given = dropflat.lanczos(Timed(A, 0.0, 0.0), k=8, tol=1e-6, seed=fresh_seed, block_size=2)
+    assert given.manifest["block_choice"] == {"method": "auto", "block_size": 2}
