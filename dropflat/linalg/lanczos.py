@@ -35,6 +35,7 @@ missing while its neighbour converges (seen on model Hessians at tol 1e-2:
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Callable, Iterable, Optional, Tuple
@@ -262,10 +263,11 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
                          "method='block' or 'auto'")
     if max_iter is not None and not max_iter >= 1:
         raise ValueError(f"max_iter must be positive, got {max_iter}")
-    # Validates the storage options before anything is timed.
-    layout_for = lambda b, n: basis_layout(op, n + b, device=basis_device, dtype=basis_dtype,  # noqa: E731
-                                           shard=shard_vectors)
-    layout = layout_for(1, 1)
+    def layout_for(b: int, ncv: int):
+        """The layout of an ``ncv + b``-vector basis (validates the storage options)."""
+        return basis_layout(op, ncv + b, device=basis_device, dtype=basis_dtype, shard=shard_vectors)
+
+    layout = layout_for(1, 1)  # the options are checked before anything is timed
     with reuse_passes(op, reuse):
         if method == "single":
             b, choice = 1, {"method": "single", "block_size": 1}
@@ -291,8 +293,6 @@ def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, **kwargs
 
 def _saved_block_size(path) -> Optional[int]:
     """The block size of the lanczos checkpoint at ``path``, if there is a readable one (else ``None``)."""
-    import os
-
     if path is None or not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         return None
     try:
