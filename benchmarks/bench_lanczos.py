@@ -8,9 +8,14 @@ batches; each is timed for one round (they take tens of seconds to minutes).
 
 Methods, in the pytest-benchmark group ``lanczos-top<k>``:
 
-* ``dropflat``: ``dropflat.lanczos(model, loader, k=k, tol=1e-3)`` (the defaults: the batched
-  R-operator engine; on a CPU, single-vector thick-restart Lanczos);
-* ``dropflat_block``: the same with ``method="block"`` (k vectors per product).
+* ``dropflat``: ``dropflat.lanczos(model, loader, k=k, tol=1e-3)`` (the defaults: the engine and the
+  block size chosen by timing the products; on a CPU that is usually ``b = 1``, single-vector
+  thick-restart Lanczos);
+* ``dropflat_block``: the same with ``method="block"`` (``min(k, 16)`` vectors per operator call).
+
+Run as a script, ``python benchmarks/bench_lanczos.py --problems cnn transformer --k 10`` sweeps the block
+size instead (:func:`block_size_sweep`: products, calls and time to top-k for ``b = 1, 2, 4, 8`` and
+what ``method="auto"`` chooses, on the GPU when there is one).
 * ``pyhessian``: ``pyhessian.hessian(model, criterion, dataloader=loader,
   cuda=False).eigenvalues(top_n=k)`` at its defaults (deflated power
   iteration, maxIter=100 per eigenvalue, tol=1e-3 on the change between
@@ -46,6 +51,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -198,8 +204,8 @@ def test_dropflat(benchmark, k):
 
 @K_PARAM
 def test_dropflat_block(benchmark, k):
-    """``method="block"``: thick-restart block Lanczos (``k`` vectors per product) on the same engine. On a
-    CPU ``lanczos`` picks single-vector Lanczos (``method="auto"``); this row shows what blocks cost there."""
+    """``method="block"``: thick-restart block Lanczos (``min(k, 16)`` vectors per call) on the same engine. On
+    a CPU ``method="auto"`` usually measures ``b = 1`` faster; this row shows what blocks cost there."""
     model, loader, _ = get_problem()
     reference()
     benchmark.group = f"lanczos-top{k}"
@@ -287,3 +293,59 @@ def test_hessian_eigenthings(benchmark, k):
     record(benchmark, k, "hessian_eigenthings", result.eigenvalues.tolist(), box["count"].calls,
            converged_by_own_estimate=int(result.converged.sum()),
            note="lanczos defaults: max_iter=2k, which=LM, tol=1e-4, no restart")
+
+
+# -- block sizes ----------------------------------------------------------------------------------------------------
+
+def block_size_sweep(name: str, device: str, k: int = 10, tol: float = 1e-3, sizes=(1, 2, 4, 8),
+                     seed: int = 0) -> list:
+    """Operator products, calls and time to top-``k`` at ``tol`` for each block size, and what ``"auto"`` picks.
+
+    One :class:`~dropflat.HessianOperator` serves every run (its engine is chosen once, by a warm-up run
+    that is not timed); each run is ``dropflat.lanczos(op, k=k, tol=tol, block_size=b, seed=seed)``.
+    ``max_rel_dev`` compares each run's eigenvalues with those of ``b = 1`` (all converged to ``tol``).
+    """
+    model, loader, desc = models.problem(name, smoke=models.SMOKE)
+    model = model.to(device)
+    loader = [(x.to(device), y.to(device)) for x, y in loader]
+    op = dropflat.HessianOperator(model, loader)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with warnings.catch_warnings():  # warm-up (engine, kernels): its budget is too small to converge
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dropflat.lanczos(op, k=2, tol=1e-1, block_size=2, max_iter=8, seed=seed)
+    rows = []
+    for b in list(sizes) + ["auto"]:
+        sync()
+        t0 = time.perf_counter()
+        spec = dropflat.lanczos(op, k=k, tol=tol, seed=seed, block_size=None if b == "auto" else b)
+        sync()
+        seconds = time.perf_counter() - t0
+        rows.append({"problem": desc, "device": device, "block_size": b, "chosen": spec.manifest["block_size"],
+                     "n_matvecs": spec.n_matvecs, "n_calls": spec.manifest["n_calls"], "seconds": seconds,
+                     "converged": int(spec.converged.sum()), "eigenvalues": spec.eigenvalues.tolist(),
+                     "max_rel_residual": float((spec.residuals / spec.eigenvalues.abs()).max()),
+                     "block_choice": spec.manifest["block_choice"]})
+    ref = np.asarray(rows[0]["eigenvalues"])
+    for row in rows:
+        row["max_rel_dev"] = float(np.max(np.abs(np.asarray(row["eigenvalues"]) - ref) / np.abs(ref)))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Lanczos block-size sweep (see block_size_sweep)")
+    parser.add_argument("--problems", nargs="+", default=["cnn", "transformer"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    all_rows = []
+    for problem_name in args.problems:
+        for row in block_size_sweep(problem_name, args.device, k=args.k):
+            all_rows.append(row)
+            print(f"{problem_name:12s} b={row['block_size']!s:5s} chosen={row['chosen']:2d} "
+                  f"products={row['n_matvecs']:4d} calls={row['n_calls']:4d} {row['seconds']:8.2f} s "
+                  f"converged={row['converged']}/{args.k} max_rel_dev={row['max_rel_dev']:.1e}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(all_rows, indent=1))

@@ -14,8 +14,8 @@ import torch
 
 import dropflat
 from dropflat.checkpoint import CheckpointMismatchError
-from dropflat.linalg.block_lanczos import BlockKrylovBasis, block_lanczos, default_block_size
-from dropflat.linalg.krylov import random_vectors
+from dropflat.linalg.krylov import KrylovBasis, random_vectors
+from dropflat.linalg.lanczos import block_lanczos, default_block_size
 from dropflat.operators import HessianOperator, LinearOperator
 
 from families import dense_hessian, make_case
@@ -176,8 +176,8 @@ def test_basis_invariants_through_breakdown_and_restart(fresh_seed):
     U = torch.randn(80, 6, generator=g, dtype=torch.float64)
     A = U @ U.T  # rank 6: blocks of 4 break down by the second step
     op = dropflat.operators.as_operator(A)
-    basis = BlockKrylovBasis(op, size=24, block_size=4, start=random_vectors((80, 4), fresh_seed, A.dtype, "cpu"),
-                             seed=fresh_seed)
+    basis = KrylovBasis(op, size=24, block_size=4, start=random_vectors((80, 4), fresh_seed, A.dtype, "cpu"),
+                        seed=fresh_seed)
 
     def check():
         m, w = basis.m, basis.width
@@ -214,12 +214,39 @@ def test_block_size_one_is_single_vector_lanczos(fresh_seed):
     tol = 1e-10
     single = dropflat.lanczos(A, k=4, tol=tol, seed=fresh_seed, ncv=14)
     block = block_lanczos(A, k=4, block_size=1, tol=tol, seed=fresh_seed, ncv=14)
-    # Same start vector, same Krylov spaces, same restarts: equal to rounding, and the same number of products
-    # (allowing one step either way where a residual estimate sits at the threshold).
-    np.testing.assert_allclose(block.eigenvalues.numpy(), single.eigenvalues.numpy(), rtol=2 * tol)
-    assert abs(block.n_matvecs - single.n_matvecs) <= 1
+    # One engine: block size 1 is single-vector Lanczos, the same bits (tests/test_lanczos_golden.py: against
+    # outputs recorded before the two loops were merged).
+    assert torch.equal(block.eigenvalues, single.eigenvalues) and torch.equal(block.residuals, single.residuals)
+    assert block.n_matvecs == single.n_matvecs
     assert block.all_converged and single.all_converged
     assert default_block_size(1) == 1 and default_block_size(5) == 5 and default_block_size(100) == 16
+
+
+@pytest.mark.parametrize("spectrum", ["cluster", "gap"])
+def test_cluster_and_gap_for_every_block_size_against_eigh(spectrum, fresh_seed):
+    # P = 400, k = 8: a cluster of 8 near-equal top eigenvalues (spacing 1e-4, where blocks pay: one block
+    # spans the cluster) or 8 top eigenvalues with wide gaps over a bulk in [0, 1] (where they do not).
+    # Measured (seeds 1-3): cluster calls 98 / 56 / 35 / 25 for b = 1 / 2 / 4 / 8 at 105-200 vectors;
+    # gap calls 29 / 16 / 13 / 12 at 36 / 38 / 56 / 96 vectors.
+    rng = np.random.default_rng(fresh_seed)
+    top = 5 + 1e-4 * np.arange(8) if spectrum == "cluster" else np.arange(10.0, 2.0, -1.0)
+    bulk = rng.uniform(0, 4, 392) if spectrum == "cluster" else rng.uniform(0, 1, 392)
+    A = known_matrix(np.concatenate([top, bulk]), fresh_seed)
+    w = np.linalg.eigvalsh(A.numpy())[::-1][:8]
+    tol, ops = 1e-8, {}
+    for b in (1, 2, 4, 8):
+        ops[b] = Counting(A)
+        spec = dropflat.lanczos(ops[b], k=8, block_size=b, tol=tol, seed=fresh_seed, eigenvectors=True)
+        assert spec.all_converged and spec.manifest["block_size"] == b
+        # Within the explicit residual of the eigenvalue (the cluster's spacing is 1e4 times wider).
+        np.testing.assert_allclose(spec.eigenvalues.numpy(), w, rtol=0, atol=tol * 10 + 1e-12)
+        check_pairs(A, spec, tol)
+    print(spectrum, {b: (op.calls, op.vectors) for b, op in ops.items()})
+    if spectrum == "cluster":
+        assert 3 * ops[8].calls <= ops[1].calls  # (measured: 25 vs 98)
+    else:
+        assert ops[8].vectors >= 2 * ops[1].vectors  # blocks multiply more vectors for nothing (96 vs 36)
+        assert ops[1].vectors <= ops[2].vectors <= ops[4].vectors <= ops[8].vectors
 
 
 # -- cost -------------------------------------------------------------------------------------------------------------
@@ -303,27 +330,28 @@ def test_resume_is_bit_identical(tmp_path, fresh_seed, dtype):
     # A finished checkpoint answers at once, without a single product.
     again = block_lanczos(Counting(A, 0), **kw, checkpoint=path)
     assert torch.equal(again.eigenvectors, ref.eigenvectors) and again.manifest["n_calls"] == n
-    # Another block size, or a single-vector lanczos file, is refused.
+    # Another block size is another call: refused, single-vector (b = 1) included.
     with pytest.raises(CheckpointMismatchError, match="block_size: saved 3, now 2"):
         block_lanczos(A, **{**kw, "block_size": 2}, checkpoint=path)
-    single = tmp_path / "single.pt"
-    dropflat.lanczos(A, k=2, checkpoint=single)
-    with pytest.raises(CheckpointMismatchError, match="written by lanczos, not block_lanczos"):
-        block_lanczos(A, **kw, checkpoint=single)
+    with pytest.raises(CheckpointMismatchError, match="block_size: saved 3, now None"):
+        dropflat.lanczos(A, **{**kw, "block_size": None}, method="single", checkpoint=path)
+    # method="auto" without a block size resumes with the saved one.
+    auto = dropflat.lanczos(Counting(A, 0), **{**kw, "block_size": None}, checkpoint=path)
+    assert torch.equal(auto.eigenvectors, ref.eigenvectors) and auto.manifest["block_choice"]["from_checkpoint"]
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(k=20), r"k must be an integer with 1 <= k < P = 20"),
-    (dict(k=0), r"k must be an integer with 1 <= k < P = 20"),
-    (dict(k=2.5), r"k must be an integer"),
+    (dict(k=20), r"k must satisfy 1 <= k < P = 20"),
+    (dict(k=0), r"k must satisfy 1 <= k < P = 20"),
+    (dict(k=2.5), r"and be an integer, got k=2.5"),
     (dict(k=3, block_size=0), r"block_size must be an integer with 1 <= block_size <= P = 20, got 0"),
     (dict(k=3, block_size=21), r"block_size must be an integer .* got 21"),
     (dict(k=3, tol=0.0), r"tol must be positive, got 0.0"),
     (dict(k=3, tol=-1e-3), r"tol must be positive"),
     (dict(k=3, which="top"), r"which must be one of \('largest', 'smallest', 'magnitude'\), got 'top'"),
-    (dict(k=3, block_size=4, ncv=6), r"ncv must be at least k \+ block_size = 7"),
+    (dict(k=3, block_size=4, ncv=6), r"ncv >= k \+ block_size = 7"),
     (dict(k=3, max_iter=0), r"max_iter must be positive"),
 ])
 def test_bad_input(kwargs, message):
@@ -340,3 +368,47 @@ def test_bad_operator():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a converged run warns about nothing
         block_lanczos(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)), k=2, tol=1e-8)
+
+
+# -- method="auto": the block size by measurement ------------------------------------------------------------------
+
+class Timed(Counting):
+    """A matrix whose calls take ``fixed + per_vector·b`` seconds (a model's Hessian: a pass, then per-vector work)."""
+
+    batched_products = True  # (declares products worth timing, as a HessianOperator does)
+
+    def __init__(self, matrix, fixed, per_vector):
+        super().__init__(matrix)
+        self.fixed, self.per_vector = fixed, per_vector
+
+    def _matmat(self, V):
+        import time
+
+        time.sleep(self.fixed + self.per_vector * V.shape[1])
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("regime", ["pass-bound", "vector-bound"])
+def test_auto_chooses_the_block_size_by_timing_the_operator(regime, fresh_seed):
+    # Pass-bound (a GPU's batched products): a block of 8 costs about one vector, so blocks win by the model's
+    # prediction (vectors 1 + (b - 1)/4 times those of b = 1, over b times fewer calls). Vector-bound (a CPU's
+    # memory-bound products): a block of b costs b vectors, and b = 1 multiplies the fewest.
+    eigs = np.concatenate([np.linspace(10, 6, 8), np.random.default_rng(fresh_seed).uniform(0, 5, 292)])
+    A = known_matrix(eigs, fresh_seed)
+    fixed, per_vector = (0.03, 0.0005) if regime == "pass-bound" else (0.0, 0.01)
+    op = Timed(A, fixed, per_vector)
+    spec = dropflat.lanczos(op, k=8, tol=1e-6, seed=fresh_seed)
+    choice = spec.manifest["block_choice"]
+    print(regime, choice)
+    assert choice["measured"] and choice["probe_products"] == 2 + 8 and op.vectors == spec.n_matvecs + 10
+    t1, t8 = choice["seconds_per_call"]["1"], choice["seconds_per_call"]["8"]
+    assert t1 >= fixed + per_vector and t8 >= fixed + 8 * per_vector  # what was slept, at least
+    if regime == "pass-bound":
+        assert spec.manifest["block_size"] == 8
+    else:
+        assert spec.manifest["block_size"] == 1
+    assert spec.all_converged
+    np.testing.assert_allclose(spec.eigenvalues.numpy(), np.sort(eigs)[::-1][:8], rtol=1e-6)
+    # A block size given is used as given, without timing.
+    given = dropflat.lanczos(Timed(A, 0.0, 0.0), k=8, tol=1e-6, seed=fresh_seed, block_size=2)
+    assert given.manifest["block_choice"] == {"method": "auto", "block_size": 2}

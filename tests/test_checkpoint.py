@@ -103,9 +103,9 @@ def test_lanczos_resume_is_bit_identical(tmp_path, fresh_seed, dtype):
 def test_lanczos_resume_on_a_model_hessian(tmp_path):
     model, loader = make_case("mlp-tanh", 3)
     before = snapshot(model)
-    # engine pinned: "auto" measures its choice afresh in each process (and per loss and reuse setting),
-    # and bit-identical products need one engine throughout
-    kw = dict(k=3, ncv=8, tol=1e-8, seed=1, max_iter=60, engine="rop")
+    # engine and block size pinned: "auto" chooses them by timing (per process, loss and reuse setting),
+    # and bit-identical products need one engine and one block size throughout
+    kw = dict(k=3, ncv=8, tol=1e-8, seed=1, max_iter=60, block_size=1, engine="rop")
     ref = dropflat.lanczos(model, loader, **kw)
     path = tmp_path / "h.pt"
     # Without graph reuse each product is one loss call per batch (3 batches): die in product 11.

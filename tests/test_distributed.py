@@ -67,9 +67,11 @@ def compute(seed):
     H = dropflat.HessianOperator(model, loader, dropout="fixed")
     with H.retained():  # first product fills the cache, the second runs on this rank's graphs only
         out["HV_retained_1"], out["HV_retained_2"] = H @ V, H @ V
-    out["lanczos"] = dropflat.lanczos(model, loader, k=3).eigenvalues
+    # (block size given: "auto" would time the products, and each process may time them differently)
+    out["lanczos"] = dropflat.lanczos(model, loader, k=3, block_size=1).eigenvalues
     # Krylov vectors sharded over the ranks when there are ranks (the same call without a group is the reference).
-    out["lanczos_sharded"] = dropflat.lanczos(model, loader, k=3, shard_vectors=is_distributed()).eigenvalues
+    out["lanczos_sharded"] = dropflat.lanczos(model, loader, k=3, block_size=1,
+                                              shard_vectors=is_distributed()).eigenvalues
     out["density_sharded"] = dropflat.spectral_density(model, loader, num_runs=2, num_steps=8, seed=seed,
                                                        shard_vectors=is_distributed()).nodes
     out["trace"] = torch.tensor(float(dropflat.hessian_trace(model, loader, num_matvecs=12)), dtype=torch.float64)
@@ -230,6 +232,11 @@ def dense_case(seed, shard):
     out.update(values=spec.eigenvalues, vectors=spec.eigenvectors, residuals=spec.residuals,
                n_matvecs=torch.tensor(spec.n_matvecs), rows=torch.tensor(spec.manifest["basis"]["rows"]),
                bytes=torch.tensor(spec.manifest["basis"]["bytes"]))
+    # Block Lanczos (b = 3): the block's QR runs on the gathered remainder, inner products are all-reduced.
+    block = dropflat.lanczos(A, k=4, block_size=3, ncv=13, tol=1e-10, max_iter=1500, seed=seed, eigenvectors=True,
+                             shard_vectors=shard)
+    out.update(block_values=block.eigenvalues, block_vectors=block.eigenvectors, block_residuals=block.residuals,
+               block_n_matvecs=torch.tensor(block.n_matvecs))
     low = dropflat.lanczos(A.float(), k=3, ncv=10, tol=1e-2, seed=seed, basis_dtype=torch.bfloat16,
                            eigenvectors=True, shard_vectors=shard)
     out.update(bf16_values=low.eigenvalues, bf16_vectors=low.eigenvectors.double(), bf16_residuals=low.residuals)
@@ -260,6 +267,18 @@ def _sharded_worker(rank, world, init_file, out_dir, seed):
             except Interrupted:
                 pass
         resumed = dropflat.lanczos(Flaky(A), **kw)
+        # The same for a block size of 3 (a save after every call).
+        kw_block = {**kw, "block_size": 3, "ncv": 13, "max_iter": 1500, "checkpoint": path + ".b3",
+                    "checkpoint_every": 1}
+        for limit in (10, 7):
+            try:
+                dropflat.lanczos(Flaky(A, limit), **kw_block)
+                raise AssertionError("the operator did not interrupt the run")
+            except Interrupted:
+                pass
+        resumed_block = dropflat.lanczos(Flaky(A), **kw_block)
+        out.update(resumed_block_values=resumed_block.eigenvalues, resumed_block_vectors=resumed_block.eigenvectors,
+                   resumed_block_from=torch.tensor(resumed_block.manifest["resumed_from"]))
         out.update(resumed_values=resumed.eigenvalues, resumed_vectors=resumed.eigenvectors,
                    resumed_from=torch.tensor(resumed.manifest["resumed_from"]),
                    own_file=torch.tensor(os.path.exists(f"{path}.rank{rank}")))
@@ -282,6 +301,7 @@ def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
     # Independent reference for the float64 run: dense eigenvalues (tol 1e-10, |λ| <= 10).
     exact = torch.linalg.eigvalsh(sym_matrix(P_DENSE, fresh_seed)).flip(0)[:4]
     assert torch.allclose(ref["values"], exact, rtol=1e-9)
+    assert torch.allclose(ref["block_values"], exact, rtol=1e-9)
 
     def close(a, b, rtol=1e-6):
         return torch.allclose(a.double(), b.double(), rtol=rtol, atol=rtol * float(b.abs().max()))
@@ -301,8 +321,9 @@ def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
     assert blocks == [(0, 51), (51, 101)]
     for r, got in enumerate(ranks):
         for mode in ("sharded", "replicated"):
-            for key in ("values", "vectors", "nodes", "weights"):
-                value = aligned(got[f"{mode}_{key}"], ref[key]) if key == "vectors" else got[f"{mode}_{key}"]
+            for key in ("values", "vectors", "nodes", "weights", "block_values", "block_vectors"):
+                value = (aligned(got[f"{mode}_{key}"], ref[key]) if key in ("vectors", "block_vectors")
+                         else got[f"{mode}_{key}"])
                 assert close(value, ref[key]), f"rank {r}: {mode} {key} differs"
             # bfloat16 basis of a float32 operator: a stored entry whose rounding flips on an ulp's difference
             # (partial sums add up in another order) moves by u = 4e-3 of itself, so the runs need not agree to
@@ -319,6 +340,8 @@ def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
             # The float64 residuals (1e-14..1e-10) are near rounding level: equal to what rounding allows.
             assert torch.allclose(got[f"{mode}_residuals"], ref["residuals"], rtol=1e-6, atol=1e-12)
             assert int(got[f"{mode}_n_matvecs"]) == int(ref["n_matvecs"])
+            assert torch.allclose(got[f"{mode}_block_residuals"], ref["block_residuals"], rtol=1e-6, atol=1e-12)
+            assert int(got[f"{mode}_block_n_matvecs"]) == int(ref["block_n_matvecs"])
         # Each rank's basis holds its own rows only (11 vectors of them), and the manifest says which.
         lo, hi = blocks[r]
         assert tuple(got["store_shape"].tolist()) == (hi - lo, 11)
@@ -328,6 +351,9 @@ def test_sharded_krylov_vectors_equal_single_process(tmp_path, fresh_seed):
         assert bool(got["own_file"]) and int(got["resumed_from"]) > 0
         assert torch.equal(got["resumed_values"], got["sharded_values"])
         assert torch.equal(got["resumed_vectors"], got["sharded_vectors"])
+        assert int(got["resumed_block_from"]) > 0
+        assert torch.equal(got["resumed_block_values"], got["sharded_block_values"])
+        assert torch.equal(got["resumed_block_vectors"], got["sharded_block_vectors"])
     for key in ranks[0]:  # replicated results, bit for bit, on every rank
-        if key not in ("store_shape", "sharded_rows", "sharded_bytes"):
+        if key not in ("store_shape", "sharded_rows", "sharded_bytes"):  # (the block runs' included)
             assert torch.equal(ranks[0][key], ranks[1][key]), key

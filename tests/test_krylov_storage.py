@@ -63,7 +63,9 @@ def test_host_storage_equals_device_storage(dtype, fresh_seed):
 
 def test_host_storage_on_a_model_hessian(fresh_seed):
     model, loader = make_case("mlp-tanh", fresh_seed)
-    kw = dict(k=3, tol=1e-6, seed=fresh_seed, eigenvectors=True)
+    # Engine and block size given: "auto" picks both by timing, and two runs compared bit for bit must not differ
+    # in either. A block of 2 on a model's batched products, with the basis on the host.
+    kw = dict(k=3, tol=1e-6, seed=fresh_seed, eigenvectors=True, engine="autograd", block_size=2)
     dev = dropflat.lanczos(model, loader, **kw)
     host = dropflat.lanczos(model, loader, **kw, basis_device="host")
     assert torch.equal(host.eigenvalues, dev.eigenvalues) and torch.equal(host.eigenvectors, dev.eigenvectors)
@@ -116,15 +118,18 @@ def exact_ritz_values(A, V):
     return np.linalg.eigvalsh((Q.T @ A.double() @ Q).numpy())
 
 
-def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed):
+@pytest.mark.parametrize("block_size", [1, 5])
+def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed, block_size):
     """Ritz values of a bfloat16 basis equal those of its span; the naive ``eigh(T)`` is off by about ``u·‖A‖``."""
-    P = 300
+    P, b = 300, block_size
     A = known_matrix(hessian_like(P, fresh_seed), fresh_seed)
     op = DenseOperator(A)
-    store = BasisStore(layout(P, 31, torch.bfloat16, torch.float64))
-    basis = KrylovBasis(op, 30, random_vectors((P,), fresh_seed, torch.float64, "cpu"), store=store)
-    for _ in range(25):
+    store = BasisStore(layout(P, 30 + b, torch.bfloat16, torch.float64))
+    start = random_vectors((P,) if b == 1 else (P, b), fresh_seed, torch.float64, "cpu")
+    basis = KrylovBasis(op, 30, start, store=store, block_size=b)
+    for _ in range(25 // b):
         basis.expand()
+    assert basis.m == 25
     Vs = basis.V[:, :25].double()
     assert np.allclose(basis.M[:25, :25], (Vs.T @ Vs).numpy(), rtol=0, atol=1e-14)
     assert np.allclose(basis.T[:25, :25], (Vs.T @ A @ Vs).numpy(), rtol=0, atol=1e-12)
@@ -139,21 +144,24 @@ def test_generalised_rayleigh_ritz_is_exact_for_the_stored_basis(fresh_seed):
     assert err_naive > max(100 * err_general, 1e-6 * 10), (err_naive, err_general)
 
 
-def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed):
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed, block_size):
     """After a thick restart the kept bfloat16 Ritz vectors' ``T`` block matches ``X̃ᵀAX̃`` to second order."""
-    P = 300
+    P, b = 300, block_size
     A = known_matrix(hessian_like(P, fresh_seed), fresh_seed)
     op = DenseOperator(A)
-    basis = KrylovBasis(op, 20, random_vectors((P,), fresh_seed, torch.float64, "cpu"),
-                        store=BasisStore(layout(P, 21, torch.bfloat16, torch.float64)))
-    for _ in range(20):
+    start = random_vectors((P,) if b == 1 else (P, b), fresh_seed, torch.float64, "cpu")
+    basis = KrylovBasis(op, 20, start, store=BasisStore(layout(P, 20 + b, torch.bfloat16, torch.float64)),
+                        block_size=b)
+    for _ in range(20 // b):
         basis.expand()
+    assert basis.full
     theta, Y, _ = basis.ritz()
     keep = np.argsort(-theta)[:12]
     basis.restart(theta[keep], Y[:, keep])
-    Xs = basis.V[:, :13].double()
+    Xs = basis.V[:, :12 + b].double()
     exact_T = (Xs[:, :12].T @ A @ Xs[:, :12]).numpy()
-    assert np.allclose(basis.M[:13, :13], (Xs.T @ Xs).numpy(), rtol=0, atol=1e-14)
+    assert np.allclose(basis.M[:12 + b, :12 + b], (Xs.T @ Xs).numpy(), rtol=0, atol=1e-14)
     err_first_order = np.abs(basis.T[:12, :12] - exact_T).max()
     err_diagonal = np.abs(np.diag(theta[keep]) - exact_T).max()  # the orthonormal-basis restart formula
     # Left out: ΔᵀAΔ = O(u²‖A‖) (u²‖A‖ = 1.5e-4 here) and ΔᵀR, small for rounding errors uncorrelated with R.
@@ -161,7 +169,7 @@ def test_restart_keeps_the_projection_of_the_rounded_ritz_vectors(fresh_seed):
     assert err_first_order <= U_BF16 ** 2 * 10, err_first_order
     assert err_first_order < 0.02 * err_diagonal, (err_first_order, err_diagonal)
     # and the restarted basis goes on: Ritz values equal Rayleigh-Ritz on the stored span to that level.
-    for _ in range(5):
+    for _ in range(max(1, 5 // b)):
         basis.expand()
     theta2, _, _ = basis.ritz()
     exact = exact_ritz_values(A, basis.V[:, :basis.m])
@@ -195,11 +203,14 @@ def test_bfloat16_basis_eigenpairs_on_a_known_spectrum(dtype, fresh_seed):
             assert bool(spec.converged.all())
 
 
-def test_bfloat16_basis_on_a_model_hessian(fresh_seed):
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_bfloat16_basis_on_a_model_hessian(fresh_seed, block_size):
     model, loader = make_case("mlp-gelu", fresh_seed)
     w = np.linalg.eigvalsh(dense_hessian(model, loader).numpy())[::-1]
     k, tol = 3, 1e-2
-    spec = dropflat.lanczos(model, loader, k=k, tol=tol, seed=fresh_seed, basis_dtype=torch.bfloat16)
+    spec = dropflat.lanczos(model, loader, k=k, tol=tol, seed=fresh_seed, basis_dtype=torch.bfloat16,
+                            block_size=block_size, engine="autograd")
+    assert spec.manifest["block_size"] == block_size
     gaps = np.array([np.abs(np.delete(w, i) - w[i]).min() for i in range(k)])
     r = spec.residuals.numpy()
     # Whatever converged, a Ritz value is within min(r, r²/gap) of its eigenvalue (Bauer-Fike, Kato-Temple).
@@ -261,14 +272,17 @@ def test_memory_error_against_available_memory(monkeypatch):
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(basis_device="host"), dict(basis_dtype=torch.bfloat16),
                                      dict(basis_dtype=torch.bfloat16, basis_device="host")])
-def test_resume_with_storage_options_is_bit_identical(tmp_path, fresh_seed, options):
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_resume_with_storage_options_is_bit_identical(tmp_path, fresh_seed, options, block_size):
     A = known_matrix(hessian_like(80, fresh_seed), fresh_seed, torch.float32)
     path = tmp_path / "lanczos.pt"
-    kw = dict(k=3, ncv=9, tol=1e-2, seed=fresh_seed, max_iter=400, eigenvectors=True, **options)
+    kw = dict(k=3, ncv=9 if block_size == 1 else 12, tol=1e-2, seed=fresh_seed, max_iter=400, eigenvectors=True,
+              block_size=block_size, **options)
     ref = dropflat.lanczos(Flaky(A), **kw)
     n, L = ref.n_matvecs, ref.n_matvecs // 3
     assert L >= 3 and 2 * L < n - 3
-    got = resume_until_done(lambda op: dropflat.lanczos(op, **kw, checkpoint=path, checkpoint_every=3),
+    every = 3 // block_size  # calls between saves: every 3 products for b = 1, every block for b = 3
+    got = resume_until_done(lambda op: dropflat.lanczos(op, **kw, checkpoint=path, checkpoint_every=every),
                             lambda lim: Flaky(A, lim), [L, L])
     assert got.manifest["resumed_from"] > 0
     assert torch.equal(got.eigenvalues, ref.eigenvalues) and torch.equal(got.eigenvectors, ref.eigenvectors)
@@ -323,15 +337,37 @@ def test_density_with_a_bfloat16_basis_integrates_the_stored_start_vector(fresh_
 
 
 # -- options and errors ---------------------------------------------------------------------------------------------
-def test_block_method_refuses_storage_options():
-    A = known_matrix(np.linspace(1, 2, 60), 0)
-    for options, name in [(dict(basis_device="host"), "basis_device"), (dict(basis_dtype=torch.bfloat16),
-                                                                       "basis_dtype"),
-                          (dict(shard_vectors=True), "shard_vectors")]:
-        with pytest.raises(ValueError, match=f"{name}.*method='single'"):
-            dropflat.lanczos(A, k=2, method="block", **options)
+@pytest.mark.parametrize("block_size", [2, 4])
+@pytest.mark.parametrize("storage_option", ["device", "host", "float32-streamed", "bfloat16-streamed"])
+def test_every_storage_option_for_blocks_against_eigh(block_size, storage_option, fresh_seed, monkeypatch):
+    """Block Lanczos on each basis layout: eigenpairs of the dense reference, every option accepted for b > 1."""
+    import dropflat.linalg.storage as storage
+
+    A = known_matrix(hessian_like(300, fresh_seed), fresh_seed)
+    w = np.linalg.eigvalsh(A.numpy())[::-1]
+    options, tol = {"device": ({}, 1e-8), "host": (dict(basis_device="host"), 1e-8),
+                    "float32-streamed": (dict(basis_dtype=torch.float32), 1e-5),
+                    "bfloat16-streamed": (dict(basis_dtype=torch.bfloat16), 1e-2)}[storage_option]
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 16 << 10)  # several row blocks of the 300 rows when streamed
+    spec = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, eigenvectors=True, **options)
+    assert spec.manifest["block_size"] == block_size and spec.all_converged
+    assert spec.manifest["basis"]["dtype"] == str(options.get("basis_dtype", torch.float64))
+    V = spec.eigenvectors.T
+    explicit = (A @ V - V * spec.eigenvalues).norm(dim=0)
+    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=1e-13)
+    assert torch.all(explicit <= tol * spec.eigenvalues.abs() + 1e-12)
+    # A Ritz value with residual r is within r of an eigenvalue; the top four are separated by >= 0.8.
+    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:4]) <= explicit.numpy() + 1e-12)
+    # The values are the Rayleigh quotients of the returned unit vectors (rounded storage included).
+    rayleigh = torch.einsum("pi,pq,qi->i", V, A, V)
+    np.testing.assert_allclose(spec.eigenvalues.numpy(), rayleigh.numpy(), rtol=1e-10)
+    if storage_option == "host":  # on a CPU machine host storage is device storage: the same bits
+        dev = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, eigenvectors=True)
+        assert torch.equal(dev.eigenvectors, spec.eigenvectors) and dev.n_matvecs == spec.n_matvecs
     # The operator's own dtype is no option at all.
-    assert dropflat.lanczos(A, k=2, method="block", basis_dtype=torch.float64).manifest["block_size"] == 2
+    if storage_option == "device":
+        same = dropflat.lanczos(A, k=4, block_size=block_size, tol=tol, seed=fresh_seed, basis_dtype=torch.float64)
+        assert torch.equal(same.eigenvalues, spec.eigenvalues)
 
 
 def test_bad_storage_arguments():

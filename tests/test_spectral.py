@@ -160,23 +160,36 @@ def test_block_lanczos_on_models_matches_eigh(family, fresh_seed):
 
 def test_lanczos_method_choice_and_errors():
     model, loader = make_case("mlp-tanh", 0)
-    op = dropflat.HessianOperator(model, loader)
-    assert not op.batched_products  # a CPU operator: single-vector Lanczos by default
-    assert "block_size" not in dropflat.lanczos(op, k=2).manifest
+    op = dropflat.HessianOperator(model, loader, engine="autograd")
+    # "auto" times a vector and a block of the operator at hand, and records what it measured and chose.
+    spec = dropflat.lanczos(op, k=4, tol=1e-6)
+    choice = spec.manifest["block_choice"]
+    assert choice["method"] == "auto" and choice["measured"] and choice["probe_products"] == 2 + 4
+    assert set(choice["seconds_per_call"]) == {"1", "4"} and set(choice["predicted_seconds"]) == {"1", "2", "4"}
+    assert spec.manifest["block_size"] == choice["block_size"] in (1, 2, 4)
+    w = np.linalg.eigvalsh(dense_hessian(model, loader).numpy())[::-1][:4]
+    assert bool(spec.converged.all()) and np.allclose(spec.eigenvalues.numpy(), w, rtol=1e-5)
+    # A block size given is taken as given; matrices (no batched products to measure) get b = 1.
+    assert dropflat.lanczos(op, k=3, block_size=2).manifest["block_choice"] == {"method": "auto", "block_size": 2}
+    dense = dropflat.lanczos(torch.diag(torch.arange(1.0, 40.0, dtype=torch.float64)), k=3)
+    assert dense.manifest["block_size"] == 1 and not dense.manifest["block_choice"]["measured"]
     with pytest.raises(ValueError, match="method"):
         dropflat.lanczos(op, k=2, method="lobpcg")
     with pytest.raises(ValueError, match="block_size"):
         dropflat.lanczos(op, k=2, method="single", block_size=2)
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("seed", [1894985470, 2761864575])
-def test_lanczos_does_not_stop_before_a_full_basis(seed):
+def test_lanczos_does_not_stop_before_a_full_basis(seed, block_size):
     # Regression, fixed seeds: at tol 1e-2 these runs stopped after 16 products with λ_4 converged in place of
     # λ_3 (the start vector barely touched λ_3's eigenvector). ARPACK's rule, a full first basis before any
-    # convergence is accepted, finds it.
+    # convergence is accepted, finds it; block Lanczos stopped at the old rule (m >= k and all converged) too.
     model, loader = make_case("mlp-gelu", seed)
     w = np.linalg.eigvalsh(dense_hessian(model, loader).numpy())[::-1]
-    spec = dropflat.lanczos(model, loader, k=3, tol=1e-2, seed=seed)
-    assert spec.n_matvecs >= 23  # ncv = max(2k + 1, k + 20)
+    spec = dropflat.lanczos(model, loader, k=3, tol=1e-2, seed=seed, block_size=block_size, engine="autograd")
+    assert spec.manifest["block_size"] == block_size
+    ncv = max(3 + 8 * block_size, 2 * 3 + 1, 3 + 20)  # the default basis size
+    assert spec.n_matvecs - 3 >= ncv - block_size + 1  # no stop before the basis was first full
     r = spec.residuals.numpy()
-    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:3]) <= r + 1e-12)
+    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:3]) <= r + 1e-12), (w[:4], spec.eigenvalues)

@@ -1,11 +1,27 @@
-"""A Lanczos basis with full reorthogonalisation, shared by the eigensolver and SLQ.
+r"""A block-Krylov basis with full reorthogonalisation, shared by the eigensolver (any block size) and SLQ.
 
-Each step applies the operator once, orthogonalises the result against the
+Each step applies the operator once to the newest block of ``b`` vectors
+(``b = 1``: single-vector Lanczos), orthogonalises the products against the
 whole basis twice (classical Gram–Schmidt, twice is enough: Giraud et al. 2005)
-and records the projection coefficients in the small projected matrix ``T``.
+and factors the remainder into the next block, ``W = X R`` (``b = 1``: ``R = β =
+‖w‖``; ``b > 1``: Householder QR, column by column when the block is nearly
+dependent). The projection coefficients fill the small projected matrix ``T``
+and ``R`` the coupling ``B`` of the block-Krylov relation
+
+.. math::
+
+    A V_m = V_m T_m + X_{next} B_m, \qquad T_m = V_m^T A V_m,
+
+so a Ritz pair ``(θ, V_m y)`` has residual ``‖B_m y‖`` (``|β y_m|`` for ``b = 1``).
 Full reorthogonalisation keeps the basis orthonormal to working precision, so
-Ritz values carry no spurious copies and the Ritz residual estimate
-``|β_m y_m|`` is trustworthy.
+Ritz values carry no spurious copies and that estimate is trustworthy. A
+remainder at rounding level means an invariant subspace: the direction is
+replaced by a fresh seeded random one (zero row in ``B``).
+
+**Thick restart** (Wu & Simon 2000; Krylov–Schur, Stewart 2001): with
+``T_m = Y Θ Yᵀ``, keep the ``l`` most wanted Ritz vectors ``V_m Y_l``; the relation
+holds again with ``T = diag(Θ_l)`` and coupling ``B_m Y_l``, and the next step
+continues from the same next block.
 
 **Where the vectors live** is a :class:`~dropflat.linalg.storage.BasisStore`'s
 business (device or host memory, working or reduced precision, all rows or one
@@ -105,42 +121,63 @@ def restarted_projection(theta: np.ndarray, D: np.ndarray) -> np.ndarray:
 
 
 class KrylovBasis:
-    """Basis ``V[:, :m]`` and projected matrix ``T = V^T A V`` built one product at a time.
+    """Block-Krylov basis ``V[:, :m]``, projected matrix ``T = VᵀAV`` and next block, grown ``b`` vectors a call.
 
-    ``store`` decides where the vectors live (default: the operator's device and dtype,
-    all rows). A store that rounds (reduced precision) adds the Gram matrix
-    ``M = VᵀV`` of the stored vectors; otherwise ``M`` is ``None`` (the identity).
+    ``b = 1`` (the default) is single-vector Lanczos; SLQ and the eigensolver use this class for every ``b``.
+    The store (default: the operator's device and dtype, all rows) has ``size + b`` columns: the basis
+    ``V[:, :m]`` (``m <= size``) and the next block ``V[:, m:m + width]``. ``T`` (float64, ``size + b``
+    square) holds ``VᵀAV`` in ``T[:m, :m]`` and the coupling ``B`` of the next block in
+    ``T[m:m + width, :m]`` (mirrored), so that ``A V = V T + X_next B`` (the block-Krylov relation; for
+    ``b = 1`` ``B = β e_mᵀ``). A store that rounds (reduced precision) adds the Gram matrix ``M = VᵀV`` of
+    the stored vectors; otherwise ``M`` is ``None`` (the identity).
+
+    ``start``: a vector (``b = 1``) or a ``[P, b]`` block of full-length start vectors.
     """
 
-    def __init__(self, op, size: int, start: torch.Tensor, seed: int = 0, store: Optional[BasisStore] = None):
+    def __init__(self, op, size: int, start: torch.Tensor, seed: int = 0, store: Optional[BasisStore] = None,
+                 block_size: int = 1):
         P = op.shape[0]
         self.op = op
-        self.size = min(size, P)
+        self.b = int(block_size)
+        self.size = min(int(size), P)
+        ncols = self.size + self.b
         if store is None:
-            store = BasisStore(BasisLayout(P=P, ncols=self.size + 1, dtype=op.dtype, device=torch.device(op.device),
+            store = BasisStore(BasisLayout(P=P, ncols=ncols, dtype=op.dtype, device=torch.device(op.device),
                                            work_dtype=op.dtype, work_device=torch.device(op.device)))
-        if store.layout.ncols != self.size + 1 or store.layout.P != P:
+        if store.layout.ncols != ncols or store.layout.P != P:
             raise ValueError(f"the store holds {store.layout.ncols} vectors of length {store.layout.P}, expected "
-                             f"{self.size + 1} of length {P}")
+                             f"{ncols} of length {P}")
+        if (start.dim() == 1) != (self.b == 1) or (start.dim() == 2 and start.shape[1] != self.b):
+            raise ValueError(f"start must be a vector for block size 1 and a [P, b] block otherwise; got shape "
+                             f"{tuple(start.shape)} for block size {self.b}")
         self.store = store
-        self.T = np.zeros((self.size + 1, self.size + 1))
-        self.M = np.zeros((self.size + 1, self.size + 1)) if store.layout.rounds else None
-        self.betas = []
+        self.T = np.zeros((ncols, ncols))
+        self.M = np.zeros((ncols, ncols)) if store.layout.rounds else None
+        self.betas = []  # b = 1: the Lanczos β's, the off-diagonal of the tridiagonal (SLQ's quadrature)
         self.m = 0
+        self.width = 0
         self.beta = 0.0
         self.n_matvecs = 0
-        self._seed = seed
-        self._put(0, store.local(start / start.norm()))
+        self.n_calls = 0
+        self._seed = int(seed)
+        if self.b == 1:
+            self._put(0, store.local(start / start.norm()))
+            self.width = 1
+        else:  # orthonormal columns (dependent or zero columns replaced by fresh ones)
+            start = start.to(device=op.device, dtype=op.dtype)
+            _, self.width = self._next_block(store.local(start), 0, 1.0)
 
     @property
     def V(self) -> torch.Tensor:
         """The stored vectors: this rank's rows, in the storage dtype, where they are stored."""
         return self.store.V
 
+    # -- checkpoints -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What the next step depends on (basis, projected matrix, counters, fresh-vector seed), for checkpoints."""
         state = {"V": self.V.detach().cpu().clone(), "T": torch.from_numpy(self.T.copy()), "betas": list(self.betas),
-                 "m": self.m, "beta": self.beta, "n_matvecs": self.n_matvecs, "seed": self._seed}
+                 "m": self.m, "width": self.width, "beta": self.beta, "n_matvecs": self.n_matvecs,
+                 "n_calls": self.n_calls, "seed": self._seed}
         if self.M is not None:
             state["M"] = torch.from_numpy(self.M.copy())
         return state
@@ -159,64 +196,191 @@ class KrylovBasis:
         self.betas = [float(b) for b in state["betas"]]
         self.m, self.beta = int(state["m"]), float(state["beta"])
         self.n_matvecs, self._seed = int(state["n_matvecs"]), int(state["seed"])
+        # (files from before blocks: one vector per call, the next one always there)
+        self.width = int(state.get("width", 1))
+        self.n_calls = int(state.get("n_calls", self.n_matvecs))
 
+    # -- state -----------------------------------------------------------------------------------------------------
     @property
     def exhausted(self) -> bool:
         """The basis spans the whole space: the projected problem is exact."""
         return self.m >= self.op.shape[0]
 
+    @property
+    def full(self) -> bool:
+        """No room for the next block: restart before the next :meth:`expand`."""
+        return self.m + self.width > self.size
+
+    @property
+    def coupling(self) -> np.ndarray:
+        """``B``: ``A V[:, :m] = V[:, :m] T[:m, :m] + V[:, m:m + width] B``."""
+        return self.T[self.m:self.m + self.width, :self.m]
+
+    # -- storing and projecting ------------------------------------------------------------------------------------
     def _put(self, j: int, w: torch.Tensor) -> None:
-        """Store ``w`` as vector ``j``; with rounding storage, add the stored vector's column of ``M``."""
+        """Store ``w`` (a vector, or a block of columns) from vector ``j`` on; with rounding storage, extend ``M``."""
         self.store.put(j, w)
         if self.M is not None:
-            g = self.store.gram(j)
-            self.M[:j + 1, j] = g
-            self.M[j, :j + 1] = g
+            if w.dim() == 1:
+                g = self.store.gram(j)
+                self.M[:j + 1, j] = g
+                self.M[j, :j + 1] = g
+            else:
+                j1 = j + w.shape[1]
+                G = self.store.gram(j, j1)
+                self.M[:j1, j:j1] = G
+                self.M[j:j1, :j1] = G.T
+
+    def _project(self, w: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Two CGS passes removing the first ``n`` stored vectors from ``w`` (a vector or a block).
+
+        Returns ``(w, first pass's Ṽᵀw, total coefficients g)``. Orthonormal basis: ``g = h₁ + h₂``.
+        Rounded basis (``M`` kept): oblique projections ``w - Ṽ M⁻¹ Ṽᵀ w``, ``g`` the stored basis's coefficients.
+        """
+        solve = None if self.M is None else _gram_solver(self.M[:n, :n])
+        return cgs2(w, lambda x: self.store.dot(x, n), lambda x, g: self.store.sub(x, g, n), solve)
 
     def _orthogonalise(self, w: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``w`` without its component in the span of the first ``n`` stored vectors; and its ``T`` entries.
 
-        Orthonormal basis: the CGS coefficients ``h₁ + h₂``, which make ``A V = V T + β v eᵀ``
-        hold to working precision. Rounded basis (``M`` kept): oblique projections
-        ``w - Ṽ M⁻¹ Ṽᵀ w``, and the entries are the first pass's ``Ṽᵀw``: exactly ``ṼᵀAṽ_j``.
+        Orthonormal basis: the CGS coefficients ``h₁ + h₂``, which make ``A V = V T + X B`` hold to working
+        precision. Rounded basis: the first pass's ``Ṽᵀw``, exactly ``ṼᵀAṽ_j`` (see the module notes).
         """
-        solve = None if self.M is None else _gram_solver(self.M[:n, :n])
-        w, first, coef = cgs2(w, lambda x: self.store.dot(x, n), lambda x, g: self.store.sub(x, g, n), solve)
+        w, first, coef = self._project(w, n)
         return w, (coef if self.M is None else first)
 
+    # -- the recurrence --------------------------------------------------------------------------------------------
     def expand(self) -> float:
-        """One Lanczos step: apply the operator to ``V[:, m]`` and extend the basis by one vector."""
-        j = self.m
-        w = self.store.local(self.op.matvec(self.store.gather(self.store.column(j))))
-        self.n_matvecs += 1
-        w, h = self._orthogonalise(w, j + 1)
-        h = h.detach().to("cpu", torch.float64).numpy()
-        self.T[:j + 1, j] = h
-        self.T[j, :j + 1] = h
-        beta = self.store.norm(w)
-        self.m = j + 1
-        scale = max(float(np.abs(self.T[:j + 1, :j + 1]).max()), np.finfo(np.float64).tiny)
-        if beta <= 100 * torch.finfo(self.op.dtype).eps * scale:
-            # Invariant subspace: the Ritz pairs so far are exact; go on in a fresh direction.
-            beta = 0.0
-            if not self.exhausted:
-                self._seed += 1
-                fresh = random_vectors((self.op.shape[0], 1), self._seed, self.op.dtype, self.op.device)
-                fresh, _ = self._orthogonalise(self.store.local(fresh), self.m)
-                w = fresh[:, 0]
-                w = w / self.store.norm(w)
+        """One step: apply the operator to the next block (one call) and append it to the basis.
+
+        Returns ``β`` for ``b = 1`` (``0`` at an invariant subspace); for ``b > 1`` the smallest ``|R_ii|`` of the
+        new block's factor (``0`` when a column was dependent and replaced).
+        """
+        m, w = self.m, self.width
+        if w == 1:  # a vector (the products of a vector and of a one-column block need not round alike)
+            AX = self.store.local(self.op.matvec(self.store.gather(self.store.column(m))))
         else:
-            w = w / beta
-        self.beta = beta
-        self.betas.append(beta)
-        if self.m <= self.size:
-            self._put(self.m, w)
-        return beta
+            AX = self.store.local(self.op.matmat(self.store.gather(self.store.columns(m, m + w))))
+        self.n_matvecs += w
+        self.n_calls += 1
+        W, H = self._orthogonalise(AX, m + w)
+        H = H.detach().to("cpu", torch.float64).numpy().reshape(m + w, w)
+        H[m:] = 0.5 * (H[m:] + H[m:].T)  # the diagonal block XᵀAX is symmetric; rounding is not (b = 1: exact)
+        new = m + w
+        # A V = V T + X_next B: the new columns of T (and their mirror) are H; B is R, below the new block only.
+        self.T[:new, m:new] = H
+        self.T[m:new, :new] = H.T
+        self.T[new:, :] = 0.0
+        self.T[:, new:] = 0.0
+        if self.M is not None:
+            self.M[new:, :] = 0.0
+            self.M[:, new:] = 0.0
+        # Breakdown threshold: rounding level relative to ‖A‖ as seen so far.
+        scale = max(float(np.abs(self.T[:new, :new]).max()), np.finfo(np.float64).tiny)
+        self.m = new
+        R, width = self._next_block(W, new, scale)
+        self.T[new:new + width, m:new] = R
+        self.T[m:new, new:new + width] = R.T
+        self.width = width
+        return self.beta
 
+    def _fresh(self, n: int) -> Tuple[torch.Tensor, float]:
+        """A seeded random vector (this rank's rows, ``[rows, 1]``) with the first ``n`` stored vectors removed."""
+        self._seed += 1
+        fresh = random_vectors((self.op.shape[0], 1), self._seed, self.op.dtype, self.op.device)
+        drawn = float(fresh.norm())
+        fresh, _ = self._orthogonalise(self.store.local(fresh), n)
+        return fresh, drawn
+
+    def _next_block(self, W: torch.Tensor, m: int, scale: float) -> Tuple[np.ndarray, int]:
+        """Factor the remainder ``W = X R`` (``W`` orthogonal to the first ``m`` stored vectors) and store ``X``.
+
+        Returns ``(R as float64 [width, ncol], width)``, ``width = min(b, P - m)``. ``b = 1``: ``R = β = ‖w‖``
+        (a one-column QR with a positive diagonal); at ``β`` below ``100 ε·scale`` the space is invariant and
+        a fresh seeded direction follows with ``β = 0``. ``b > 1``: Householder QR of the whole block
+        (gathered over ranks), accepted when its columns are independent and orthogonal to the basis to
+        ``ε^{3/4}``; else column by column (Daniel–Gragg–Kaufman–Stewart), dependent columns replaced by
+        fresh seeded directions with zero rows in ``R``.
+        """
+        P = self.op.shape[0]
+        width = min(self.b, P - m)
+        eps = torch.finfo(self.op.dtype).eps
+        thresh = 100 * eps * scale  # a remainder this small is rounding noise
+        if self.b == 1:
+            beta = self.store.norm(W)
+            if beta <= thresh:  # invariant subspace: the Ritz pairs so far are exact; go on in a fresh direction
+                beta = 0.0
+                if width:
+                    W = self._fresh(m)[0][:, 0]
+                    W = W / self.store.norm(W)
+            else:
+                W = W / beta
+            self.beta = beta
+            self.betas.append(beta)
+            if width:
+                self._put(m, W)
+            return np.full((width, 1), beta), width
+        ncol = W.shape[1]
+        if width == ncol:
+            Q, R = torch.linalg.qr(self.store.gather(W))
+            Q = self.store.local(Q)
+            Rn = R.detach().to("cpu", torch.float64).numpy()
+            if np.all(np.abs(np.diag(Rn)) > thresh):
+                # Q = W R⁻¹ is orthogonal to the basis only up to ε·cond(W): verify (one pass over the basis)
+                # rather than trust it; a block with columns of very different sizes goes column by column.
+                loss = float(self.store.dot(Q, m).abs().max()) if m else 0.0
+                if loss <= eps ** 0.75:  # the usual case
+                    self._put(m, Q)
+                    self.beta = float(np.abs(np.diag(Rn)).min())
+                    return Rn, width
+        Rn = np.zeros((width, ncol))
+        i = 0
+        for j in range(ncol):
+            w, coef, norm = self._reproject(W[:, j:j + 1], m, i)
+            Rn[:i, j] = coef
+            if norm > thresh and i < width:
+                self._put(m + i, w[:, 0] / norm)
+                Rn[i, j] = norm
+                i += 1
+        tries = 0
+        while i < width:
+            fresh, drawn = self._fresh(m + i)
+            # What is left lies in the unexplored space (dimension P - m - i >= 1), expected norm
+            # drawn·sqrt((P - m - i)/P); a remainder at rounding level would not be a direction of it.
+            fresh, _, norm = self._reproject(fresh, m, i)
+            if norm > np.sqrt(eps) * drawn:
+                self._put(m + i, fresh[:, 0] / norm)
+                i += 1
+            elif (tries := tries + 1) >= 10:
+                raise RuntimeError(f"block Lanczos: no fresh direction orthogonal to the basis of {m + i} vectors "
+                                   f"in {tries} draws (P = {P})")
+        self.beta = float(np.abs(np.diag(Rn[:, :min(width, ncol)])).min()) if width else 0.0
+        return Rn, width
+
+    def _reproject(self, w: torch.Tensor, m: int, i: int) -> Tuple[torch.Tensor, np.ndarray, float]:
+        """``w`` minus its projection on the first ``m + i`` stored vectors, repeated (at most 3x) until a pass
+        keeps half its norm.
+
+        Returns ``(w, coefficients on vectors [m, m + i) as numpy, ‖w‖)``; ``‖w‖ = 0`` when no pass kept
+        half: then ``w`` was numerically inside the span, and what is left is not orthogonal to it.
+        """
+        coef = np.zeros(i)
+        norm = self.store.norm(w)
+        for _ in range(3):
+            before = norm
+            w, _, g = self._project(w, m + i)
+            coef += g[m:, 0].detach().to("cpu", torch.float64).numpy()
+            norm = self.store.norm(w)
+            if norm >= 0.5 * before:
+                return w, coef, norm
+        return w, coef, 0.0
+
+    # -- Ritz pairs and restarts -----------------------------------------------------------------------------------
     def ritz(self):
-        """Ritz values (ascending), their coordinates ``Y`` in the basis, and residual estimates ``|β y_m|``.
+        """Ritz values (ascending), their coordinates ``Y`` in the basis, and residual estimates ``‖B y‖``.
 
-        With ``M`` kept, ``Y`` solves ``T Y = M Y Θ`` with ``YᵀMY = I`` (unit Ritz vectors ``ṼY``);
+        ``‖B y‖`` is the residual ``‖A V y - θ V y‖`` since the next block is orthonormal (``|β y_m|`` for
+        ``b = 1``). With ``M`` kept, ``Y`` solves ``T Y = M Y Θ`` with ``YᵀMY = I`` (unit Ritz vectors ``ṼY``);
         the estimate then leaves out the residual floor of the rounded storage (see the module notes).
         """
         import scipy.linalg
@@ -226,22 +390,30 @@ class KrylovBasis:
             theta, Y = scipy.linalg.eigh(self.T[:m, :m])
         else:
             theta, Y = scipy.linalg.eigh(self.T[:m, :m], self.M[:m, :m])
-        return theta, Y, np.abs(self.beta * Y[m - 1, :])
+        B = self.coupling
+        if self.width == 0:
+            resid = np.zeros_like(theta)
+        elif self.width == 1 and not B[0, :m - 1].any():  # after a step, b = 1: β e_mᵀ
+            resid = np.abs(B[0, m - 1] * Y[m - 1, :])
+        else:
+            resid = np.linalg.norm(B @ Y, axis=0)
+        return theta, Y, resid
 
     def vectors(self, Y: np.ndarray) -> torch.Tensor:
         """Ritz vectors ``V[:, :m] @ Y`` as columns: full length (gathered from every rank), working dtype."""
         return self.store.gather(self.store.vectors(Y, self.m))
 
     def restart(self, theta: np.ndarray, Y: np.ndarray) -> None:
-        """Thick restart (Wu & Simon 2000): keep the Ritz pairs ``(theta, Y)``, continue from the residual.
+        """Thick restart (Wu & Simon 2000; Krylov–Schur, Stewart 2001): keep the Ritz pairs ``(theta, Y)``.
 
-        The kept Ritz vectors and the next Lanczos vector stay orthonormal, and
-        ``T`` becomes diagonal in the kept block; the next step's projection
-        coefficients fill in the coupling row. Stored rounded, the kept vectors get
-        their exact Gram matrix and the projection of :func:`restarted_projection`.
+        The kept Ritz vectors and the next block stay orthonormal; ``T`` becomes ``diag(θ)`` with coupling
+        ``B Y`` to the next block (the next step's projection recomputes that coupling), and the next step
+        continues from the same block. Stored rounded, the kept vectors get their exact Gram matrix and the
+        projection of :func:`restarted_projection`.
         """
-        kept = len(theta)
-        rounding = self.store.recombine(Y, self.m, carry=self.m)
+        kept, m, w = len(theta), self.m, self.width
+        B = self.coupling @ Y
+        rounding = self.store.recombine(Y, m, carry=m, width=w)
         self.T[:] = 0.0
         if self.M is None:
             self.T[np.arange(kept), np.arange(kept)] = theta
@@ -249,5 +421,7 @@ class KrylovBasis:
             D, M = rounding
             self.T[:kept, :kept] = restarted_projection(theta, D)
             self.M[:] = 0.0
-            self.M[:kept + 1, :kept + 1] = M
+            self.M[:kept + w, :kept + w] = M
+        self.T[kept:kept + w, :kept] = B
+        self.T[:kept, kept:kept + w] = B.T
         self.m = kept

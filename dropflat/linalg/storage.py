@@ -271,9 +271,16 @@ class BasisStore:
         """Stored vector ``j`` (this rank's rows) in the working dtype: the exact stored values, cast up."""
         return self.V[:, j].to(device=self.layout.work_device, dtype=self.layout.work_dtype)
 
+    def columns(self, j0: int, j1: int) -> torch.Tensor:
+        """Stored vectors ``[j0, j1)`` (this rank's rows x ``j1 - j0``) in the working dtype, cast up exactly."""
+        return self.V[:, j0:j1].to(device=self.layout.work_device, dtype=self.layout.work_dtype)
+
     def put(self, j: int, w: torch.Tensor) -> None:
-        """Store ``w`` (this rank's rows) as vector ``j``, rounded to the storage dtype."""
-        self.V[:, j] = w
+        """Store ``w`` (this rank's rows: a vector, or columns ``j, j + 1, ...``), rounded to the storage dtype."""
+        if w.dim() == 1:
+            self.V[:, j] = w
+        else:
+            self.V[:, j:j + w.shape[1]] = w
 
     def norm(self, w: torch.Tensor) -> float:
         """``‖w‖`` of the full vector whose rows these are."""
@@ -304,11 +311,19 @@ class BasisStore:
             out[r0:r1] = w[r0:r1] - Vb @ g
         return out
 
-    def gram(self, j: int) -> np.ndarray:
-        """``V[:, :j+1]^T V[:, j]`` of the stored vectors, in float64: column ``j`` of their Gram matrix."""
-        acc = torch.zeros(j + 1, dtype=torch.float64, device=self.layout.work_device)
-        for _, _, Vb in self._blocks(j + 1, torch.float64):
-            acc += Vb.T @ Vb[:, j]
+    def gram(self, j: int, j1: Optional[int] = None) -> np.ndarray:
+        """Columns ``[j, j1)`` of the stored vectors' Gram matrix, ``V[:, :j1]^T V[:, j:j1]``, in float64.
+
+        Without ``j1``: column ``j`` alone, ``V[:, :j+1]^T V[:, j]`` (a vector). One pass over the basis either way.
+        """
+        if j1 is None:
+            acc = torch.zeros(j + 1, dtype=torch.float64, device=self.layout.work_device)
+            for _, _, Vb in self._blocks(j + 1, torch.float64):
+                acc += Vb.T @ Vb[:, j]
+        else:
+            acc = torch.zeros(j1, j1 - j, dtype=torch.float64, device=self.layout.work_device)
+            for _, _, Vb in self._blocks(j1, torch.float64):
+                acc += Vb.T @ Vb[:, j:j1]
         return self._sum(acc.cpu()).numpy()
 
     def vectors(self, Y: np.ndarray, n: int) -> torch.Tensor:
@@ -322,33 +337,37 @@ class BasisStore:
             out[r0:r1] = Vb @ Yt
         return out
 
-    def recombine(self, Y: np.ndarray, n: int, carry: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """Thick restart in place: vectors ``[0, l)`` become ``X = V[:, :n] Y``, vector ``l`` becomes vector ``carry``.
+    def recombine(self, Y: np.ndarray, n: int, carry: int, width: int = 1) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """Thick restart in place: vectors ``[0, l)`` become ``X = V[:, :n] Y``, vectors ``[l, l + width)`` become
+        vectors ``[carry, carry + width)`` (the next block).
 
         Each row block is read, recombined and written back by itself (a block's
         rows depend on no other rows), so no second copy of the basis is made.
         When storing rounds, returns float64 ``(D, M)`` with ``D = (X̃ - X)^T X`` (what
         rounding did to the kept vectors, against the computed ``X``) and
-        ``M = Z̃^T Z̃`` the Gram matrix of the stored ``Z̃ = [X̃, v_carry]``; else ``None``.
+        ``M = Z̃^T Z̃`` the Gram matrix of the stored ``Z̃ = [X̃, V_carry]``; else ``None``.
         """
-        kept = Y.shape[1]
+        kept, end = Y.shape[1], carry + width
         if not self.layout.streamed:
-            nxt = self.V[:, carry].clone()
+            nxt = self.V[:, carry].clone() if width == 1 else self.V[:, carry:end].clone()
             self.V[:, :kept] = self.vectors(Y, n)
-            self.V[:, kept] = nxt
+            if width == 1:
+                self.V[:, kept] = nxt
+            else:
+                self.V[:, kept:kept + width] = nxt
             return None
         Yt = torch.as_tensor(Y, dtype=self.layout.work_dtype, device=self.layout.work_device)
         rounds = self.layout.rounds
         D = torch.zeros(kept, kept, dtype=torch.float64, device=self.layout.work_device)
-        M = torch.zeros(kept + 1, kept + 1, dtype=torch.float64, device=self.layout.work_device)
-        for r0, r1, Vb in self._blocks(max(n, carry + 1)):
+        M = torch.zeros(kept + width, kept + width, dtype=torch.float64, device=self.layout.work_device)
+        for r0, r1, Vb in self._blocks(max(n, end)):
             X = Vb[:, :n] @ Yt
-            Z = torch.cat([X, Vb[:, carry:carry + 1]], dim=1).to(self.layout.dtype)  # what gets stored
+            Z = torch.cat([X, Vb[:, carry:end]], dim=1).to(self.layout.dtype)  # what gets stored
             if rounds:
                 Zd, Xd = Z.double(), X.double()
                 D += (Zd[:, :kept] - Xd).T @ Xd
                 M += Zd.T @ Zd
-            self.V[r0:r1, :kept + 1] = Z
+            self.V[r0:r1, :kept + width] = Z
         if not rounds:
             return None
         return self._sum(D.cpu()).numpy(), self._sum(M.cpu()).numpy()
