@@ -213,7 +213,8 @@ def keep_masks_kernel(shape: Sequence[int], q: float, keys: Sequence[int], sampl
         load_extension().keep_masks_cpu(key_t.data_ptr(), len(keys), layout.rows, layout.cols, layout.e0,
                                         threshold, out.data_ptr())
     elif backend == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
+        # Device and stream from the output tensor (`device` may be a bare 'cuda').
+        stream = torch.cuda.current_stream(out.device).cuda_stream
         load_extension().keep_masks_cuda(key_t.data_ptr(), len(keys), layout.rows, layout.cols, layout.e0,
                                          threshold, out.data_ptr(), out.device.index, stream)
     else:
