@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import operator
 from collections.abc import Sequence
 
@@ -149,7 +148,7 @@ def _backend(x: torch.Tensor, backend: str | None) -> str:
 def _cuda_default() -> str:
     if kernels._C is not None and kernels._C.has_cuda:
         return "cuda"
-    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    return "triton" if kernels.triton_supported() else "torch"
 
 
 def _run(x, q, key, sample_offset, regime, batch_size, mask_ndim, backend):

@@ -7,7 +7,7 @@ drawn through it would differ from the C++/CUDA streams.  Here every value is
 a ``uint32`` word and each 32x32-bit product is taken exactly in ``uint64``
 (high word ``>> 32``, low word the truncation), the arithmetic of
 ``philox4x32_10_numpy``; the stream is the same on every supported Triton
-(:data:`MIN_TRITON` and newer) and under the interpreter.
+(:data:`dropflat.kernels.MIN_TRITON` and newer) and under the interpreter.
 
 Scalar arguments cross into a kernel as 32-bit halves lifted by ``2**32``
 (:func:`split64`): Triton types a Python int by its value (int32, uint32,
@@ -24,35 +24,14 @@ tensors are then CPU tensors.
 """
 import contextlib
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
 
-# Oldest Triton this module is tested with (under the interpreter): the one
-# pinned by torch 2.6.  Older Triton lacks the interpreter features the tests
-# use and is pinned only by torch < 2.6, outside the supported range.
-MIN_TRITON = (3, 2)
+from dropflat.kernels import check_triton_version
 
-
-def _parse_version(text: str):
-    match = re.match(r"(\d+)\.(\d+)", text)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def check_triton_version(version: str = triton.__version__) -> None:
-    """Raise ImportError naming the fix when ``version`` is older than :data:`MIN_TRITON`."""
-    parsed = _parse_version(version)
-    if parsed is not None and parsed < MIN_TRITON:
-        raise ImportError(
-            f"dropflat's Triton kernels need triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]}, found {version}; "
-            "upgrade triton (or torch, which pins it), or use backend='torch' / build the CUDA "
-            "extension with nvcc so CUDA tensors do not default to Triton"
-        )
-
-
-check_triton_version()
+check_triton_version(triton.__version__)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter pays milliseconds of Python overhead per program whatever
