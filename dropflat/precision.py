@@ -67,7 +67,7 @@ def _new_api():
     out = []
     for name, node in nodes:
         try:
-            if node is not None and isinstance(getattr(node, "fp32_precision"), str):
+            if node is not None and isinstance(node.fp32_precision, str):
                 out.append((name, node))
         except (AttributeError, RuntimeError):
             pass

@@ -16,7 +16,7 @@ import torch
 
 import dropflat
 from dropflat.operators import LinearOperator
-from dropflat.precision import allow_tf32, tf32_allowed, tf32_off
+from dropflat.precision import allow_tf32, tf32_allowed
 
 HAS_NEW_API = isinstance(getattr(torch.backends.cuda.matmul, "fp32_precision", None), str)
 
