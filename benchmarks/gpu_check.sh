@@ -36,6 +36,7 @@ OUT=$(cd "$OUT" && pwd)
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 SITE=$SCRATCH/site
+export PY OUT SITE  # for the functions that step runs in a child shell
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 STEPS=$OUT/steps.tsv
@@ -47,7 +48,11 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under a time limit, record its sta
   local name=$1 limit=$2 start=$SECONDS rc status
   shift 2
   echo "=== $name (limit ${limit} s)"
-  timeout --kill-after=15 "$limit" "$@"
+  if declare -F "$1" >/dev/null; then  # a function of this script: timeout runs programs only
+    timeout --kill-after=15 "$limit" bash -c "$(declare -f "$1"); $*"
+  else
+    timeout --kill-after=15 "$limit" "$@"
+  fi
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -75,7 +80,7 @@ build() {
   DROPFLAT_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps --no-compile -q --target "$SITE" . \
     >"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; return 1; }
 }
-step build 240 build
+step build 180 build
 
 # -P keeps the source tree (which has no compiled _C) off sys.path: every
 # step imports the package just built.
@@ -89,10 +94,10 @@ raise SystemExit(0 if info['cuda_compiled'] else 'the CUDA kernels were not comp
 
 GPU_TESTS=(-P -m pytest -m gpu tests/ -p no:cacheprovider -q -rs)
 if ((DRY_RUN)); then
-  step gpu_tests_collect 120 "$PY" "${GPU_TESTS[@]}" --collect-only
+  step gpu_tests_collect 120 "$PY" "${GPU_TESTS[@]}" --collect-only --junitxml="$OUT/gpu_tests.xml"
   skipped gpu_tests
 else
-  step gpu_tests 150 "$PY" "${GPU_TESTS[@]}" --durations=10 --junitxml="$OUT/gpu_tests.xml"
+  step gpu_tests 120 "$PY" "${GPU_TESTS[@]}" --durations=10 --junitxml="$OUT/gpu_tests.xml"
 fi
 
 # ResNet-50 and GPT-2 small: gradient, HVPs against double backward and
@@ -101,7 +106,7 @@ if ((DRY_RUN)); then
   step model_figures 240 "$PY" -P benchmarks/gpu_models.py --device cpu --smoke --no-compile --budget-s 150 \
     --out "$OUT"
 else
-  step model_figures 200 "$PY" -P benchmarks/gpu_models.py --device cuda --budget-s 170 --out "$OUT"
+  step model_figures 180 "$PY" -P benchmarks/gpu_models.py --device cuda --budget-s 150 --out "$OUT"
 fi
 
 # The kernel suites' GPU rows (each kernel beside its reference).
@@ -114,7 +119,7 @@ if ((DRY_RUN)); then
     --benchmark-only --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-json="$OUT/bench.json"
   skipped kernel_bench
 else
-  step kernel_bench 90 "$PY" "${BENCH[@]}" -k cuda --benchmark-only --benchmark-max-time=0.2 \
+  step kernel_bench 60 "$PY" "${BENCH[@]}" -k cuda --benchmark-only --benchmark-max-time=0.2 \
     --benchmark-json="$OUT/bench.json"
 fi
 
