@@ -82,7 +82,9 @@ def table(report: dict):
         yield "build", "CUDA compiled", f"{info.get('cuda_compiled')} archs={','.join(info.get('cuda_arch_list', []))}"
         yield "build", "triton", f"{info.get('triton_version')} supported={info.get('triton_supported')}"
     tests = report["gpu_tests"]
-    if tests is None:
+    if report["mode"] == "dry-run":
+        yield "gpu tests", "-", "collected only (dry run): see the gpu_tests_collect step"
+    elif tests is None:
         yield "gpu tests", "-", "no report (step skipped or failed before pytest wrote it)"
     else:
         yield "gpu tests", "counts", (f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
@@ -103,7 +105,7 @@ def table(report: dict):
         yield "kernels", "-", "no bench.json"
     else:
         for group, name, median, speedup in summarize.rows(bench):
-            yield "kernels", f"{group}: {name}", f"{median} (x{speedup} vs ref)" if speedup != "-" else median
+            yield "kernels", f"{group}: {name}", f"{median} ({speedup} vs ref)" if speedup != "-" else median
 
 
 def main(argv=None) -> int:
