@@ -38,14 +38,18 @@ struct DriverContextApi {
 
 inline void* driver_entry_point(const char* symbol) {
   void* fn = nullptr;
+#if CUDART_VERSION >= 12000
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
+#if CUDART_VERSION >= 12050  // the unversioned lookup is deprecated from 12.5 on
   const cudaError_t err = cudaGetDriverEntryPointByVersion(symbol, &fn, 12000,
                                                            cudaEnableDefault, &found);
 #else
   const cudaError_t err = cudaGetDriverEntryPoint(symbol, &fn, cudaEnableDefault, &found);
 #endif
   return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? fn : nullptr;
+#else  // CUDA 11.3 - 11.8: no query result
+  return cudaGetDriverEntryPoint(symbol, &fn, cudaEnableDefault) == cudaSuccess ? fn : nullptr;
+#endif
 }
 
 inline const DriverContextApi& driver_context_api() {
