@@ -27,7 +27,7 @@ except ImportError as exc:  # not built, or built for another Python
     _C = None
     _C_IMPORT_ERROR = exc
 
-__all__ = ["MIN_TRITON", "build_info", "load_extension", "triton_supported"]
+__all__ = ["MIN_TRITON", "build_info", "check_triton_version", "load_extension", "triton_supported"]
 
 # Oldest Triton the Triton kernels support: the one torch 2.6 pins, and the
 # oldest whose interpreter runs their tests here (3.0's interpreter writes
