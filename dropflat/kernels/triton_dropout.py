@@ -45,23 +45,23 @@ def _mod_lanes(start, t, d, WIDE: tl.constexpr):
     Narrow: one int64 ``%`` per program; per lane ``start % d + t < d + BLOCK + 1``
     fits int32 when ``d < MAX_NARROW``.
     """
+    # One return after the static branch: older Triton compilers reject returns inside branches.
     if WIDE:
-        return (start + t.to(tl.int64)) % d
+        r = (start + t.to(tl.int64)) % d
     else:
-        return ((start % d).to(tl.int32) + t) % d.to(tl.int32)
+        r = ((start % d).to(tl.int32) + t) % d.to(tl.int32)
+    return r
 
 
 @triton.jit
 def _div_lanes(start, t, d, WIDE: tl.constexpr):
     """``((start + t) // d`` as ``(q0, dq)`` with ``q0 = start // d`` (scalar) and int32 lane offsets ``dq``."""
+    q0 = start // d
     if WIDE:
-        q = (start + t.to(tl.int64)) // d
-        q0 = start // d
-        return q0, (q - q0).to(tl.int32)
+        dq = ((start + t.to(tl.int64)) // d - q0).to(tl.int32)
     else:
-        q0 = start // d
-        r0 = (start - q0 * d).to(tl.int32)
-        return q0, (r0 + t) // d.to(tl.int32)
+        dq = ((start - q0 * d).to(tl.int32) + t) // d.to(tl.int32)
+    return q0, dq
 
 
 # Scalars vary per call: specializing on their values would only recompile.
