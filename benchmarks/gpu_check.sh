@@ -12,7 +12,8 @@
 #
 # --dry-run rehearses everything that can go wrong before the device is
 # spent: the build (for sm_90 unless DROPFLAT_CUDA_ARCHS says otherwise),
-# build_info, the collection of every gpu-marked test, gpu_models.py end to
+# build_info, every Triton kernel compiled ahead of time for sm_80 and sm_90
+# (no GPU needed), the collection of every gpu-marked test, gpu_models.py end to
 # end on tiny CPU models (imports, arguments, JSON, table; no compilation),
 # the kernel benchmarks' collection and one CPU benchmark's JSON, and the
 # final report.
@@ -94,6 +95,8 @@ raise SystemExit(0 if info['cuda_compiled'] else 'the CUDA kernels were not comp
 
 GPU_TESTS=(-P -m pytest -m gpu tests/ -p no:cacheprovider -q -rs)
 if ((DRY_RUN)); then
+  # What the device would compile on first launch: every Triton kernel, ahead of time for sm_80/sm_90.
+  step triton_compile 300 "$PY" -P -m pytest tests/test_triton_compile.py --runslow -p no:cacheprovider -q
   step gpu_tests_collect 120 "$PY" "${GPU_TESTS[@]}" --collect-only --junitxml="$OUT/gpu_tests.xml"
   skipped gpu_tests
 else
