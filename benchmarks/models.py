@@ -126,13 +126,17 @@ class Bottleneck(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-def resnet50(num_classes: int = 1000, seed: int = 0) -> nn.Module:
-    """ResNet-50 (He et al. 2016; torchvision's layout, 25.6M parameters at 1000 classes), eval mode."""
+def resnet50(num_classes: int = 1000, seed: int = 0, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3)) -> nn.Module:
+    """ResNet-50 (He et al. 2016; torchvision's layout, 25.6M parameters at 1000 classes), eval mode.
+
+    ``widths`` / ``blocks``: the stages' bottleneck widths and depths (smaller ones check scripts quickly).
+    """
     torch.manual_seed(seed)
-    layers, c_in = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                    nn.MaxPool2d(3, stride=2, padding=1)], 64
-    for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-        for j in range(blocks):
+    stem = widths[0]
+    layers, c_in = [nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
+                    nn.MaxPool2d(3, stride=2, padding=1)], stem
+    for i, (width, depth) in enumerate(zip(widths, blocks)):
+        for j in range(depth):
             layers.append(Bottleneck(c_in, width, stride=2 if (i > 0 and j == 0) else 1))
             c_in = 4 * width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]

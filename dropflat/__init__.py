@@ -40,6 +40,7 @@ from .noise import (
 )
 from .operators import DenseOperator, HessianOperator, LinearOperator, as_operator
 from .params import flatten, select_parameters, unflatten
+from .precision import allow_tf32
 from .results import Density, Estimate, Spectrum
 from .sme import SMETrajectory, simulate_dropout_gd, simulate_sme
 
@@ -54,5 +55,5 @@ __all__ = [
     "Spectrum", "Estimate", "Density", "build_info", "__version__",
     "filter_normalized_direction", "loss_along", "level_crossing", "interval_flatness", "dropout_trajectory",
     "trajectory_pca", "variance_flatness", "LossCurve", "IntervalFlatness", "TrajectoryPCA", "VarianceFlatness",
-    "simulate_sme", "simulate_dropout_gd", "SMETrajectory", "CheckpointMismatchError",
+    "simulate_sme", "simulate_dropout_gd", "SMETrajectory", "CheckpointMismatchError", "allow_tf32",
 ]

@@ -7,16 +7,15 @@ indices. Inputs and offsets are drawn fresh each run (``fresh_seed``).
 """
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_installs import CHILD_PRELUDE, interpreter_env, triton_installs
 
 import dropflat.kernels
 from dropflat.dropout import MaskSource, replay_dropout
@@ -210,37 +209,50 @@ _TRITON_CHECK = textwrap.dedent("""
     from dropflat.dropout.masks import keep_masks
     assert triton_dropout.INTERPRET
     bad = []
-    for shape, q, key, off, regime, ndim, bs in json.loads(sys.argv[1]):
-        for dtype in (torch.float32, torch.float64):
-            x = torch.randn(shape, dtype=dtype)
-            kw = dict(mask_ndim=ndim, batch_size=bs)
-            if not torch.equal(fused_dropout(x, q, key, off, regime, backend="triton", **kw),
-                               fused_dropout(x, q, key, off, regime, backend="cpp", **kw)):
-                bad.append(["fused", str(dtype), shape, key, off, regime])
-        if ndim is None:
-            keys = [key, key ^ 12345, 1]
-            if not torch.equal(keep_masks(shape, q, keys, off, regime, batch_size=bs, backend="triton"),
-                               keep_masks(shape, q, keys, off, regime, batch_size=bs, backend="cpp")):
-                bad.append(["keep_masks", shape, key, off, regime])
+    # Passes: the interpreter's block; small blocks (many programs, so the
+    # per-program index split meets row and column boundaries mid-block);
+    # small blocks with the per-lane int64 fallback (WIDE) forced.
+    for block, max_narrow in ((triton_dropout.BLOCK, triton_dropout.MAX_NARROW), (64, triton_dropout.MAX_NARROW),
+                              (64, 0)):
+        triton_dropout.BLOCK, triton_dropout.MAX_NARROW = block, max_narrow
+        for shape, q, key, off, regime, ndim, bs in json.loads(sys.argv[1]):
+            if block == 64 and max(shape) > 64:
+                continue  # small blocks: small shapes only (interpreter time)
+            for dtype in (torch.float32, torch.float64):
+                x = torch.randn(shape, dtype=dtype)
+                kw = dict(mask_ndim=ndim, batch_size=bs)
+                if not torch.equal(fused_dropout(x, q, key, off, regime, backend="triton", **kw),
+                                   fused_dropout(x, q, key, off, regime, backend="cpp", **kw)):
+                    bad.append(["fused", block, max_narrow, str(dtype), shape, key, off, regime])
+            if ndim is None:
+                keys = [key, key ^ 12345, 1]
+                if not torch.equal(keep_masks(shape, q, keys, off, regime, batch_size=bs, backend="triton"),
+                                   keep_masks(shape, q, keys, off, regime, batch_size=bs, backend="cpp")):
+                    bad.append(["keep_masks", block, max_narrow, shape, key, off, regime])
     print(json.dumps(bad))
 """)
 
 
-@pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")
-def test_triton_interpreter_matches_cpp(tmp_path, fresh_seed):
+@pytest.mark.parametrize("site", triton_installs())
+def test_triton_interpreter_matches_cpp(tmp_path, fresh_seed, site):
     rng = np.random.default_rng(fresh_seed)
     k1, k2 = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**63)) + 2**63
     cases = [([37, 13], 0.3, k1, 2**34 // 13 - 1, "per_sample", None, None),
              ([37, 13], 0.9, k2, 5, "shared", None, None),
              ([6, 3, 4, 5], 0.5, k1, 7, "per_sample", 2, None),
              ([6, 3, 4, 5], 0.5, k2, 7, "shared", 2, None),
-             ([12, 7, 9], 0.1, k2, 3, "per_sample", None, 4)]
-    package_root = Path(dropflat.kernels.__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK, json.dumps(cases)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, check=False)
+             ([12, 7, 9], 0.1, k2, 3, "per_sample", None, 4),
+             # inner > block and not a divisor of it; two interpreter programs (the division split per program)
+             ([3, 7, 5001], 0.4, k1, 11, "per_sample", 2, None),
+             ([3, 7, 5001], 0.4, k2, 11, "shared", 2, None),
+             # keep_masks over rows whose length divides no block, past one interpreter program
+             ([9, 10007], 0.2, k2, 3, "shared", None, None)]
+    proc = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + _TRITON_CHECK, json.dumps(cases)],
+                          env=interpreter_env(site), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if site is not None:
+        assert f" {site}" in proc.stderr, f"the child did not run the Triton in {site}: {proc.stderr[:500]}"
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], cases
 
 

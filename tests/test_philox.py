@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from triton_installs import CHILD_PRELUDE, interpreter_env, triton_installs
 
 import dropflat.kernels
 from dropflat.kernels.philox import (
@@ -195,21 +196,45 @@ _TRITON_INTERPRETER_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")
-def test_triton_interpreter_matches_cpp_and_numpy(tmp_path):
+@pytest.mark.parametrize("site", triton_installs())
+def test_triton_interpreter_matches_cpp_and_numpy(tmp_path, site):
     # 70_000 counters spans two 2**16-counter interpreter programs with a
-    # masked tail.
-    cases = [(0, 0, 3)] + fresh_cases()[:5] + [(_rng.getrandbits(64), 2**32 - 5, 70_000)]
-    # The child must import this very dropflat (built extension included):
-    # PYTHONPATH points at it, and a scratch working directory keeps a source
-    # checkout from shadowing it via sys.path[0].
-    package_root = Path(dropflat.kernels.__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _TRITON_INTERPRETER_CHECK, json.dumps(cases)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # masked tail.  Seeds and offsets on both sides of 2**31, 2**32 and 2**63
+    # take every Triton typing of a Python int (the kernels must not care).
+    cases = [(0, 0, 3), (2**31 - 1, 2**31, 5), (2**32 - 1, 2**63, 5), (2**64 - 1, 2**64 - 3, 9)]
+    cases += fresh_cases()[:5] + [(_rng.getrandbits(64), 2**32 - 5, 70_000)]
+    proc = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + _TRITON_INTERPRETER_CHECK, json.dumps(cases)],
+                          env=interpreter_env(site), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if site is not None:
+        assert f" {site}" in proc.stderr, f"the child did not run the Triton in {site}: {proc.stderr[:500]}"
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], f"mismatching cases; all: {cases}"
+
+
+def test_triton_version_gate(monkeypatch):
+    assert not dropflat.kernels.triton_supported("3.1.0")  # pinned by torch 2.5: Philox4x64 randint4x
+    assert dropflat.kernels.triton_supported("3.2.0")
+    assert dropflat.kernels.triton_supported("3.10.1")  # compared as numbers, not strings
+    assert dropflat.kernels.triton_supported("3.3.1+git1234")
+    with pytest.raises(ImportError, match=r"need triton >= 3\.2, found 3\.1\.0"):
+        dropflat.kernels.check_triton_version("3.1.0")
+    # Without compiled CUDA kernels, CUDA tensors default to Triton only when it is supported.
+    from dropflat.kernels import dropout, philox
+    monkeypatch.setattr(dropflat.kernels, "_C", None)
+    for version, expected in (("3.1.0", "torch"), ("3.2.0", "triton"), (None, "torch")):
+        monkeypatch.setattr(dropflat.kernels, "_triton_version", lambda v=version: v)
+        assert philox._default_backend(torch.device("cuda")) == expected, version
+        assert dropout._cuda_default() == expected, version
+
+
+def test_supported_triton_range_is_stated():
+    """pyproject's triton requirement and the README state MIN_TRITON."""
+    root = Path(__file__).resolve().parents[1]
+    low = ".".join(map(str, dropflat.kernels.MIN_TRITON))
+    pyproject = (root / "pyproject.toml").read_text()
+    extras = [line for line in pyproject.splitlines() if '"triton' in line]
+    assert extras and all(f"triton>={low}" in line for line in extras), extras
+    assert f"Triton ≥ {low}" in (root / "README.md").read_text()
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")

@@ -70,15 +70,19 @@ __global__ void fused_general_kernel(const T* __restrict__ x, T* __restrict__ y,
 }
 
 // blockIdx.y (grid-strided) picks the key, x the element of [rows, cols].
+// Index: int32_t when rows * cols < 2^31 (the per-element `% cols` then is a
+// 32-bit remainder, not an emulated 64-bit one).
+template <typename Index>
 __global__ void keep_masks_kernel(const uint64_t* __restrict__ keys, int64_t num_keys,
-                                  int64_t per_key, int64_t cols, uint64_t e0,
+                                  Index per_key, Index cols, uint64_t e0,
                                   uint32_t threshold, uint8_t* __restrict__ out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t m = blockIdx.y; m < num_keys; m += gridDim.y) {
     const uint64_t key = keys[m];
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
          i < per_key; i += stride) {
-      out[m * per_key + i] = keep_of(key, e0 + static_cast<uint64_t>(i % cols), threshold);
+      const Index j = static_cast<Index>(i) % cols;
+      out[m * per_key + i] = keep_of(key, e0 + static_cast<uint64_t>(j), threshold);
     }
   }
 }
@@ -97,13 +101,16 @@ void launch_fused(const T* x, T* y, int64_t rows, int64_t cols, int64_t inner,
     const int64_t counters = ((static_cast<int64_t>(e0 & 3u)) + n + 3) / 4;
     fused_stream_kernel<T><<<blocks_for(counters), kThreads, 0, stream>>>(
         x, y, n, key, e0, threshold, s);
+    cuda::check_launch("fused_stream_kernel (dropout)");
   } else if (n < (int64_t{1} << 31)) {
     fused_general_kernel<T, int32_t><<<blocks_for(n), kThreads, 0, stream>>>(
         x, y, static_cast<int32_t>(n), static_cast<int32_t>(cols),
         static_cast<int32_t>(inner), key, e0, threshold, s);
+    cuda::check_launch("fused_general_kernel<int32> (dropout)");
   } else {
     fused_general_kernel<T, int64_t><<<blocks_for(n), kThreads, 0, stream>>>(
         x, y, n, cols, inner, key, e0, threshold, s);
+    cuda::check_launch("fused_general_kernel<int64> (dropout)");
   }
 }
 
@@ -122,7 +129,6 @@ void fused_dropout_cuda(const void* x, void* y, bool is_double, int64_t rows,
     launch_fused(static_cast<const float*>(x), static_cast<float*>(y), rows, cols,
                  inner, key, e0, threshold, scale, s);
   }
-  check(cudaGetLastError(), "fused dropout kernel launch");
 }
 
 void keep_masks_cuda(const uint64_t* keys, int64_t num_keys, int64_t rows,
@@ -133,9 +139,17 @@ void keep_masks_cuda(const uint64_t* keys, int64_t num_keys, int64_t rows,
   const int64_t per_key = rows * cols;
   const dim3 grid(blocks_for(per_key),
                   static_cast<unsigned>(std::min<int64_t>(num_keys, 65535)));
-  keep_masks_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      keys, num_keys, per_key, cols, e0, threshold, out);
-  check(cudaGetLastError(), "keep_masks kernel launch");
+  auto s = static_cast<cudaStream_t>(stream);
+  if (per_key < (int64_t{1} << 31)) {
+    keep_masks_kernel<int32_t><<<grid, kThreads, 0, s>>>(
+        keys, num_keys, static_cast<int32_t>(per_key), static_cast<int32_t>(cols),
+        e0, threshold, out);
+    cuda::check_launch("keep_masks_kernel<int32>");
+  } else {
+    keep_masks_kernel<int64_t><<<grid, kThreads, 0, s>>>(keys, num_keys, per_key, cols,
+                                                         e0, threshold, out);
+    cuda::check_launch("keep_masks_kernel<int64>");
+  }
 }
 
 }  // namespace dropflat

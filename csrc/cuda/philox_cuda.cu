@@ -53,8 +53,8 @@ __global__ void uniform_kernel(uint64_t seed, uint64_t offset, int64_t n,
 }
 
 template <typename Vec, typename Kernel>
-void launch(Kernel kernel, uint64_t seed, uint64_t offset, int64_t n, void* out,
-            int device, void* stream) {
+void launch(Kernel kernel, const char* name, uint64_t seed, uint64_t offset,
+            int64_t n, void* out, int device, void* stream) {
   if (n == 0) return;  // a zero-block grid is an invalid launch
   if (reinterpret_cast<uintptr_t>(out) % alignof(Vec) != 0) {
     throw std::invalid_argument(
@@ -65,19 +65,19 @@ void launch(Kernel kernel, uint64_t seed, uint64_t offset, int64_t n, void* out,
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
            static_cast<cudaStream_t>(stream)>>>(seed, offset, n,
                                                 static_cast<Vec*>(out));
-  check(cudaGetLastError(), "philox kernel launch");
+  cuda::check_launch(name);
 }
 
 }  // namespace
 
 void philox_randint4x_cuda(uint64_t seed, uint64_t offset, int64_t n,
                            uint32_t* out, int device, void* stream) {
-  launch<uint4>(randint4x_kernel, seed, offset, n, out, device, stream);
+  launch<uint4>(randint4x_kernel, "philox randint4x_kernel", seed, offset, n, out, device, stream);
 }
 
 void philox_uniform_cuda(uint64_t seed, uint64_t offset, int64_t n, float* out,
                          int device, void* stream) {
-  launch<float4>(uniform_kernel, seed, offset, n, out, device, stream);
+  launch<float4>(uniform_kernel, "philox uniform_kernel", seed, offset, n, out, device, stream);
 }
 
 int cuda_device_count() {

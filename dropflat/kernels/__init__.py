@@ -5,9 +5,12 @@ source checkout without a build still imports, :func:`build_info` says why
 the extension is unavailable, and only calling a compiled kernel raises
 (see :func:`load_extension`).
 """
+from __future__ import annotations
+
 import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -24,7 +27,14 @@ except ImportError as exc:  # not built, or built for another Python
     _C = None
     _C_IMPORT_ERROR = exc
 
-__all__ = ["build_info", "load_extension"]
+__all__ = ["MIN_TRITON", "build_info", "check_triton_version", "load_extension", "triton_supported"]
+
+# Oldest Triton the Triton kernels support: the one torch 2.6 pins, and the
+# oldest whose interpreter runs their tests here (3.0's interpreter writes
+# nothing back to CPU tensors under current torch, so 3.0/3.1 stay untested).
+# Older Triton (pinned by torch 2.4/2.5) is not used by default: CUDA tensors
+# then take the compiled CUDA kernels or the torch reference.
+MIN_TRITON = (3, 2)
 
 
 def load_extension():
@@ -49,6 +59,34 @@ def _triton_version():
         return "unknown"
 
 
+def _parse_version(text):
+    match = re.match(r"(\d+)\.(\d+)", text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def triton_supported(version: str | None = None) -> bool:
+    """Whether Triton ``version`` (default: the installed one) can run dropflat's Triton kernels.
+
+    False when triton is not installed or older than :data:`MIN_TRITON`; an
+    unparsable version (a source build) is given the benefit of the doubt.
+    """
+    version = _triton_version() if version is None else version
+    if version is None:
+        return False
+    parsed = _parse_version(version)
+    return parsed is None or parsed >= MIN_TRITON
+
+
+def check_triton_version(version: str) -> None:
+    """Raise ImportError naming the fix when ``version`` cannot run the Triton kernels."""
+    if not triton_supported(version):
+        raise ImportError(
+            f"dropflat's Triton kernels need triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]}, found {version}; "
+            "upgrade triton (or torch, which pins it), build the CUDA extension with nvcc, or pass "
+            "backend='torch'"
+        )
+
+
 def build_info() -> dict:
     """Describe what this install can run.
 
@@ -58,7 +96,8 @@ def build_info() -> dict:
     ``cuda_arch_list`` (CMake CUDA_ARCHITECTURES entries), ``cuda_version``
     (nvcc's) and ``cuda_runtime_error`` (why the module's CUDA runtime cannot
     start, e.g. no driver; None when it can or CUDA was not compiled);
-    ``triton`` (installed) and ``triton_version``; ``torch``;
+    ``triton`` (installed), ``triton_version`` and ``triton_supported``
+    (:func:`triton_supported`); ``torch``;
     ``cuda_device`` (torch sees a CUDA device) and ``cuda_device_count``.
     """
     triton_version = _triton_version()
@@ -75,6 +114,7 @@ def build_info() -> dict:
         "cuda_runtime_error": None,
         "triton": triton_version is not None,
         "triton_version": triton_version,
+        "triton_supported": triton_supported(triton_version) if triton_version else False,
         "torch": torch.__version__,
         "cuda_device": torch.cuda.is_available(),
         "cuda_device_count": torch.cuda.device_count(),

@@ -39,10 +39,11 @@ CUDA tensors with ``C >= TRITON_MIN_CLASSES`` use ``'triton'`` (when installed),
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from typing import Optional
 
 import torch
+
+from dropflat import kernels
 
 __all__ = ["CE_BACKENDS", "TRITON_MIN_CLASSES", "cross_entropy_rop", "cross_entropy_rop_reference"]
 
@@ -119,7 +120,7 @@ def cross_entropy_rop_reference(z: torch.Tensor, y: torch.Tensor, Rz: torch.Tens
 
 
 def _default_backend(z: torch.Tensor) -> str:
-    if z.device.type == "cuda" and z.shape[-1] >= TRITON_MIN_CLASSES and importlib.util.find_spec("triton"):
+    if z.device.type == "cuda" and z.shape[-1] >= TRITON_MIN_CLASSES and kernels.triton_supported():
         return "triton"
     return "torch"
 

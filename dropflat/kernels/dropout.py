@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import operator
 from collections.abc import Sequence
 
@@ -149,7 +148,7 @@ def _backend(x: torch.Tensor, backend: str | None) -> str:
 def _cuda_default() -> str:
     if kernels._C is not None and kernels._C.has_cuda:
         return "cuda"
-    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    return "triton" if kernels.triton_supported() else "torch"
 
 
 def _run(x, q, key, sample_offset, regime, batch_size, mask_ndim, backend):
@@ -213,7 +212,8 @@ def keep_masks_kernel(shape: Sequence[int], q: float, keys: Sequence[int], sampl
         load_extension().keep_masks_cpu(key_t.data_ptr(), len(keys), layout.rows, layout.cols, layout.e0,
                                         threshold, out.data_ptr())
     elif backend == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
+        # Device and stream from the output tensor (`device` may be a bare 'cuda').
+        stream = torch.cuda.current_stream(out.device).cuda_stream
         load_extension().keep_masks_cuda(key_t.data_ptr(), len(keys), layout.rows, layout.cols, layout.e0,
                                          threshold, out.data_ptr(), out.device.index, stream)
     else:

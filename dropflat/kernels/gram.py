@@ -35,11 +35,11 @@ tensor([[13.]], dtype=torch.float64)
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 
+from dropflat import kernels
 from dropflat.kernels import load_extension
 
 __all__ = [
@@ -181,11 +181,9 @@ def _gram_torch(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _default_backend(device: torch.device, shape) -> str:
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if device.type == "cuda" and kernels.triton_supported():
         return "triton"
     if device.type == "cpu":
-        from dropflat import kernels
-
         if kernels._C is not None and hasattr(kernels._C, "ghost_gram_cpu") and cpp_wins(*shape):
             return "cpp"
     return "torch"

@@ -1,7 +1,8 @@
 """Philox4x32-10 random words, bit-identical on every backend.
 
-Stream convention -- the one of Triton's ``tl.randint4x(seed, offset)``, so
-a Triton kernel and the compiled kernels can share one random stream:
+Stream convention -- the one of Triton's ``tl.randint4x(seed, offset)`` from
+Triton 3.4 on (older Triton runs Philox4x64 there, which is why the Triton
+backend writes the rounds out itself), so every kernel shares one stream:
 
 * ``seed`` is an unsigned 64-bit integer; the Philox key is
   ``(k0, k1) = (seed & 0xffffffff, seed >> 32)``.
@@ -17,11 +18,12 @@ in ``[0, 1 - 2**-24]``.  (This is deliberately not Triton's ``tl.rand``,
 which rounds and is not bit-reproducible across implementations.)
 
 Backends: ``'cpp'`` (C++/OpenMP, CPU), ``'cuda'`` (compiled CUDA kernel),
-``'triton'`` (``tl.randint4x``; CUDA, or CPU tensors under
+``'triton'`` (explicit 32-bit Philox rounds; CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1``) and ``'torch'`` (int64 tensor ops on any device; the
 reference the compiled kernels are benchmarked against).  By default CPU
-tensors use ``'cpp'``, CUDA tensors ``'cuda'`` when compiled else
-``'triton'``, other devices ``'torch'``.
+tensors use ``'cpp'``, CUDA tensors ``'cuda'`` when compiled, else
+``'triton'`` when a supported Triton is installed (see
+:func:`dropflat.kernels.triton_supported`), else ``'torch'``; other devices ``'torch'``.
 """
 import operator
 
@@ -108,7 +110,9 @@ def _default_backend(device):
     if device.type == "cpu":
         return "cpp"
     if device.type == "cuda":
-        return "cuda" if kernels._C is not None and kernels._C.has_cuda else "triton"
+        if kernels._C is not None and kernels._C.has_cuda:
+            return "cuda"
+        return "triton" if kernels.triton_supported() else "torch"
     return "torch"
 
 

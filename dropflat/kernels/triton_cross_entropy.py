@@ -26,6 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dropflat.kernels import check_triton_version
+
+check_triton_version(triton.__version__)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Directions per program: more would spill the [KB, BLOCK_C] tile out of registers; larger k runs
 # ceil(k/KB) programs per row, each re-reading z (1/KB of the Rz traffic).

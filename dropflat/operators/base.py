@@ -3,7 +3,8 @@
 An operator is anything with a ``shape == (P, P)`` and a ``matmat(V)`` that
 maps ``Tensor[P, k] -> Tensor[P, k]``: the Hessian, a dropout-noise
 covariance, or a dense matrix in a test. The spectral tools in
-:mod:`dropflat.linalg` need nothing more.
+:mod:`dropflat.linalg` need nothing more. Products on a GPU run with TF32
+off unless the caller opts in (:mod:`dropflat.precision`).
 
 >>> import torch
 >>> A = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 2.0])))
@@ -19,6 +20,8 @@ from typing import Tuple
 
 import numpy as np
 import torch
+
+from dropflat.precision import tf32_off
 
 __all__ = ["LinearOperator", "DenseOperator", "as_operator", "reuse_passes"]
 
@@ -38,12 +41,14 @@ class LinearOperator:
         V = self._check(V, ndim=2)
         if V.shape[1] == 0:
             return V.clone()
-        return self._matmat(V)
+        with tf32_off(self.device):  # see dropflat.precision
+            return self._matmat(V)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``A @ v`` for ``v: Tensor[P]``."""
         v = self._check(v, ndim=1)
-        return self._matmat(v[:, None])[:, 0]
+        with tf32_off(self.device):
+            return self._matmat(v[:, None])[:, 0]
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
