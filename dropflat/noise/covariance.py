@@ -96,6 +96,7 @@ class NoiseCovariance(LinearOperator):
         self._spec = None
         self._eig = None
         self._zgram = None
+        self._outer_cache: Optional[torch.Tensor] = None
         self._factor_cache: Optional[torch.Tensor] = None
 
     # --- the factor Z: Gram, Zᵀ V, Z c ---
@@ -138,6 +139,28 @@ class NoiseCovariance(LinearOperator):
             self._zgram = out
         return self._zgram
 
+    def _parameter_side(self) -> bool:
+        """Whether ``C`` itself (``P x P``) is smaller than the Gram (``r x r``): a stored factor, ``P < r``.
+
+        Then the eigenvalues, trace and Frobenius norm come from ``A Aᵀ`` (e.g. 30 x 30 for a
+        30-parameter model, whatever the number of masks), not from an ``r x r`` Gram.
+        """
+        return self._factor is not None and self.weights is None and self.shape[0] < self._factor.shape[1]
+
+    def outer(self, chunk_bytes: int = 4 << 20) -> torch.Tensor:
+        """``A Aᵀ`` (``P x P``, float64) of a stored factor, accumulated over float64 column chunks."""
+        if self._factor is None:
+            raise ValueError("outer() needs a stored factor; this covariance holds per-sample gradients")
+        if self._outer_cache is None:
+            P, r = self._factor.shape
+            cols = max(1, chunk_bytes // (8 * max(P, 1)))
+            out = torch.zeros(P, P, dtype=torch.float64, device=self.device)
+            for j in range(0, r, cols):
+                block = self._factor[:, j:j + cols].double()
+                out += block @ block.T
+            self._outer_cache = (out + out.T) / 2  # exact symmetry for eigh
+        return self._outer_cache
+
     def nbytes(self) -> int:
         """Bytes of the ``[P, ·]`` blocks this object holds (stored factor, eigenvectors, materialised factor)."""
         held = [self._factor, self._factor_cache, None if self._eig is None else self._eig[1]]
@@ -157,6 +180,16 @@ class NoiseCovariance(LinearOperator):
         ``Z coef`` has orthonormal columns, the eigenvectors; nothing ``P``-sized is
         made here, so the eigenvalues cost ``O(r²)`` memory.
         """
+        if self._spec is None and self._parameter_side():
+            C = self.outer()
+            vals, U = torch.linalg.eigh(C)
+            vals, U = vals.flip(0).clamp_min(0.0), U.flip(1)
+            keep = vals > (vals[0] * max(C.shape[0], self._factor.shape[1]) * torch.finfo(self.dtype).eps
+                           if vals.numel() else 0.0)
+            vals, U = vals[keep], U[:, keep]
+            # A coef = U with coef = Aᵀ U Λ⁻¹ (since A Aᵀ U = U Λ): the same contract as the Gram side
+            coef = self._project(U.to(self.dtype)).double() / vals
+            self._spec = (vals.cpu(), coef)
         if self._spec is None:
             K = self.gram()
             vals, W = torch.linalg.eigh(K)
@@ -213,11 +246,15 @@ class NoiseCovariance(LinearOperator):
 
     def trace(self) -> float:
         """``tr C = Σ_j w_j ‖z_j‖²`` (``‖A‖_F²`` when stored)."""
+        if self._parameter_side():
+            return float(torch.diagonal(self.outer()).sum())
         d = torch.diagonal(self.gram())
         return float(d.sum() if self.weights is None else (self.weights * d).sum())
 
     def frobenius_norm(self) -> float:
         """``‖C‖_F = sqrt(tr(D K D K))`` with ``K = ZᵀZ``, ``D = diag(w)`` (``‖AᵀA‖_F`` when ``w = 1``)."""
+        if self._parameter_side():
+            return float(self.outer().norm())
         K = self.gram()
         if self.weights is None:
             return float(K.norm())
