@@ -25,7 +25,7 @@ def _demo(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .datasets import DatasetNotFoundError
+    from .experiments.datasets import DatasetNotFoundError
     from .experiments.reproduce import reproduce
 
     out = args.out or f"dropflat-{args.experiment}" + ("-quick" if args.quick else "")

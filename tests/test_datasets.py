@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropflat.datasets import (
+from dropflat.experiments.datasets import (
     DatasetNotFoundError,
     Vocab,
     default_data_dir,

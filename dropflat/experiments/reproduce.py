@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import datasets
+from . import datasets
 from .measure import MeasureConfig
 from .models import Seq2SeqTransformer, mlp, resnet20, vgg9
 from .runner import Experiment, accuracy_on, run_experiment, split_batches
