@@ -351,5 +351,32 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def interleaved(name: str, rounds: int = 3) -> str:
+    """One table row from interleaved timing: each round runs every method once, medians over rounds.
+
+    On a shared machine the load drifts; interleaving puts every method under the same drift.
+    """
+    s = get_setup(name)
+    methods = {"gradient": lambda: gradient(s), "dropflat_matmat": lambda: s.op.matmat(s.V),
+               "double_backward_8": lambda: double_backward(s, s.V), "func_8": lambda: func_products(s, s.V)}
+    for fn in methods.values():
+        fn()
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t0)
+    unit = statistics.median(times["gradient"])
+    gp = {m: statistics.median(t) / (1 if m == "gradient" else K) / unit for m, t in times.items()}
+    best = min(gp["double_backward_8"], gp["func_8"])
+    return (f"| {s.family.description} | {s.op.engine} | {gp['dropflat_matmat']:.2f} | {gp['double_backward_8']:.2f} | "
+            f"{gp['func_8']:.2f} | {gp['dropflat_matmat'] / best:.2f} |")
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    if sys.argv[1] == "--interleaved":  # python benchmarks/bench_zoo.py --interleaved gpt2 bert ...
+        for family in sys.argv[2:] or zoo.FAMILIES:
+            print(interleaved(family), flush=True)
+    else:
+        print(table(sys.argv[1]))

@@ -40,21 +40,16 @@ def on(model, loader, device, dtype):
 
 
 @pytest.fixture
-def users_tf32():
-    """The user's flags: TF32 on for cuDNN (torch's default) and for matmuls; checked untouched, then undone."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def users_tf32_untouched(users_tf32):
+    """The user's TF32 flags on, and still on after dropflat's products."""
     yield
     assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
-    torch.set_float32_matmul_precision(saved[0])
-    torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 @pytest.mark.parametrize("engine,device", [("autograd", "cpu"), pytest.param("autograd", "cuda", marks=GPU),
                                            pytest.param("rop", "cpu", marks=pytest.mark.slow),
                                            pytest.param("rop", "cuda", marks=GPU)])
-def test_float32_products_match_float64(device, engine, fresh_seed, users_tf32):
+def test_float32_products_match_float64(device, engine, fresh_seed, users_tf32_untouched):
     model, loader = conv_problem(fresh_seed)
     # verify=False: this test is the check (the engines' own self-check would double its time).
     ref_op = dropflat.HessianOperator(*on(model, loader, "cpu", torch.float64), engine="autograd", verify=False)
@@ -68,7 +63,7 @@ def test_float32_products_match_float64(device, engine, fresh_seed, users_tf32):
 
 @pytest.mark.parametrize("device", [CPU_SLOW, CUDA])
 @pytest.mark.parametrize("method", ["single", "block"])
-def test_float32_lanczos_matches_float64(device, method, fresh_seed, users_tf32):
+def test_float32_lanczos_matches_float64(device, method, fresh_seed, users_tf32_untouched):
     model, loader = conv_problem(fresh_seed)
     kw = dict(k=4, seed=fresh_seed, engine="rop", verify=False)
     want = dropflat.lanczos(*on(model, loader, "cpu", torch.float64), tol=1e-8, **kw).eigenvalues

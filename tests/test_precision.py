@@ -40,18 +40,7 @@ class FlagProbe(LinearOperator):
         return V
 
 
-@pytest.fixture
-def tf32_on():
-    """The user's setting: TF32 on for matmuls and convolutions (through the legacy setters), undone after."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    yield
-    torch.set_float32_matmul_precision(saved[0])
-    torch.backends.cudnn.allow_tf32 = saved[1]
-
-
-def test_products_run_without_tf32_and_restore_the_users_flags(tf32_on):
+def test_products_run_without_tf32_and_restore_the_users_flags(users_tf32):
     op = FlagProbe()
     op.matvec(torch.ones(3))
     op.matmat(torch.ones(3, 2))
@@ -59,7 +48,7 @@ def test_products_run_without_tf32_and_restore_the_users_flags(tf32_on):
     assert flags() == (True, True)
 
 
-def test_flags_restored_after_an_exception(tf32_on):
+def test_flags_restored_after_an_exception(users_tf32):
     op = FlagProbe(fail=True)
     with pytest.raises(RuntimeError, match="product failed"):
         op.matmat(torch.ones(3, 2))
@@ -67,7 +56,7 @@ def test_flags_restored_after_an_exception(tf32_on):
     assert flags() == (True, True)
 
 
-def test_opt_in_follows_torch_flags(tf32_on):
+def test_opt_in_follows_torch_flags(users_tf32):
     op = FlagProbe()
     with dropflat.allow_tf32():
         assert tf32_allowed()
@@ -83,7 +72,7 @@ def test_opt_in_follows_torch_flags(tf32_on):
     assert op.seen[-1] == (False, True)
 
 
-def test_cpu_products_leave_the_flags_alone(tf32_on):
+def test_cpu_products_leave_the_flags_alone(users_tf32):
     seen = []
 
     class CpuProbe(FlagProbe):

@@ -141,7 +141,7 @@ def _fold(t: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
     ``dim`` counts the leading ``k``: 1 for a weight ``[k, C_out, C_in/G, ...]``, 2 for activations
     ``[k, N, C, ...]`` (which lose ``k`` into their channel axis, ``dim - 1``).
     """
-    k, C = t.shape[0], t.shape[dim]
+    C = t.shape[dim]
     t = t.unflatten(dim, (groups, C // groups)).movedim(0, dim)  # [..., G, k, C/G, ...]
     return t.flatten(dim - 1, dim + 1)
 
