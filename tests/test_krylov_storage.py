@@ -211,10 +211,11 @@ def test_bfloat16_basis_on_a_model_hessian(fresh_seed, block_size):
     spec = dropflat.lanczos(model, loader, k=k, tol=tol, seed=fresh_seed, basis_dtype=torch.bfloat16,
                             block_size=block_size, engine="autograd")
     assert spec.manifest["block_size"] == block_size
-    gaps = np.array([np.abs(np.delete(w, i) - w[i]).min() for i in range(k)])
     r = spec.residuals.numpy()
-    # Whatever converged, a Ritz value is within min(r, r²/gap) of its eigenvalue (Bauer-Fike, Kato-Temple).
-    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:k]) <= np.minimum(r, r ** 2 / gaps) + 1e-12)
+    # Whatever converged, a Ritz value is within r of its eigenvalue (Bauer-Fike). Not r²/gap (Kato-Temple):
+    # that needs θ to be the exact Rayleigh quotient of the returned vector, which a bfloat16 basis does not
+    # give (seed 3795027428, b = 3: error 1.66e-6 against r²/gap = 1.54e-6, r = 4.0e-4).
+    assert np.all(np.abs(spec.eigenvalues.numpy() - w[:k]) <= r + 1e-12)
     # A bfloat16 basis floors residuals near 2^-8 ||A - λ|| ≤ 2^-8 (λ_max - λ_min) (README): convergence is owed
     # only where tol |λ| clears that bound (seed 501140612: tol |λ_3| = 2.78e-3, residual 2.78e-3, not owed).
     owed = tol * np.abs(w[:k]) >= 2.0 ** -8 * (w[0] - w[-1])
