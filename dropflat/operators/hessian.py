@@ -305,8 +305,9 @@ class HessianOperator(LinearOperator):
     def _memo_key(self, batch, k: int, retained: bool) -> tuple:
         """What the measured choice of engine depends on (see ``_CHOSEN``)."""
         shapes = tuple(tuple(t.shape) for t in tree_leaves((batch.inputs, batch.targets)) if torch.is_tensor(t))
+        # id, not the loss itself: a loss closing over the model would keep the weakly-held model alive
         return (self.dtype, str(self.device), self.loss.dropout, self.loss.batchnorm, self.autocast,
-                self.loss.loss_fn, min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k, retained,
+                id(self.loss.loss_fn), min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k, retained,
                 shapes, self.verify)
 
     @contextlib.contextmanager
