@@ -40,15 +40,16 @@ class MeasureConfig:
     trajectory_lr: float = 0.05  # ... at this learning rate, and fit the inverse variance–flatness relation
     pca_k: int = 10              # over this many principal directions of the trajectory
     track_every: int = 0         # > 0: cosine(H, C) of the dropout run every this many training steps ...
-    track_masks: int = 16        # ... from this many masks
+    track_masks: int = 16        # ... from this many masks ...
+    track_samples: int = 512     # ... on the first this many curvature samples (a cheap probe, not the measurement)
 
 
 def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Callable[[nn.Module], float],
             cfg: MeasureConfig, *, with_noise: bool, seed: int = 0, progress: Optional[bool] = None) -> Dict:
     """Flatness and noise figures of ``model`` at its current parameters (the model is not modified).
 
-    Returns the report's run record plus private ``_density`` / ``_curves``
-    entries (for the plots; the caller pops them before writing JSON).
+    Returns the report's run record: plain numbers and lists only (JSON- and
+    ``weights_only``-safe), including the 1-D loss curves and the SLQ density for the plots.
     """
     H = HessianOperator(model, loader, loss_fn)
     train_loss = H.loss.mean_loss()
@@ -75,13 +76,15 @@ def measure(model: nn.Module, loader: Sequence, loss_fn: Callable, accuracy: Cal
         "interval_flatness": _finite_list(flat_random.flatness),
         "interval_flatness_top_eigenvectors": _finite_list(flat_top.flatness),
         "num_parameters": H.shape[0],
-        "_curves": curves,
+        "loss_curves": {"alphas": curves.alphas.tolist(), "losses": curves.losses.tolist(),
+                        "base_loss": float(curves.base_loss)},
     }
     n_matvecs = spec.n_matvecs + trace.n_matvecs
     if cfg.density_runs > 0:
         density = spectral_density(H, num_runs=cfg.density_runs, num_steps=cfg.density_steps, seed=seed,
                                    progress=progress)
-        record["_density"] = density
+        record["spectral_density"] = {"grid": density.grid.tolist(), "density": density.density.tolist(),
+                                      "sigma": float(density.sigma)}
         n_matvecs += density.n_matvecs
     if with_noise:
         noise = dropout_noise(model, loader, loss_fn, num_masks=cfg.num_masks, masks=cfg.masks, seed=seed,
@@ -129,6 +132,8 @@ def alignment_probe(loader: Sequence, loss_fn: Callable, cfg: MeasureConfig, see
 
     A cheap alignment check during training: few masks, two eigenpairs, loose tolerances.
     """
+    loader = _first_samples(loader, cfg.track_samples)
+
     def probe(model: nn.Module) -> Dict:
         H = HessianOperator(model, loader, loss_fn)
         noise = dropout_noise(model, loader, loss_fn, num_masks=cfg.track_masks, masks=cfg.masks, seed=seed)
@@ -136,3 +141,15 @@ def alignment_probe(loader: Sequence, loss_fn: Callable, cfg: MeasureConfig, see
         return {"cosine": al.cosine, "null_mean": al.null_mean, "null_std": al.null_std,
                 "train_loss": H.loss.mean_loss()}
     return probe
+
+
+def _first_samples(batches: Sequence, n: int) -> list:
+    """The leading ``n`` samples of a list of ``(inputs, targets)`` batches (inputs a tensor or a tuple)."""
+    out, left = [], n
+    for x, y in batches:
+        if left <= 0:
+            break
+        take = min(left, len(y))
+        out.append(((tuple(t[:take] for t in x) if isinstance(x, tuple) else x[:take]), y[:take]))
+        left -= take
+    return out

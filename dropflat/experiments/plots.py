@@ -1,126 +1,191 @@
-"""Figures of a dropout-vs-no-dropout comparison (matplotlib, written as PNG)."""
+"""Figures of a dropout-vs-no-dropout comparison (matplotlib, written as PNG).
+
+One set of panels serves a single seed (``summary.png`` of a run) and all
+seeds of an experiment (``figures.png``): each panel draws every seed it is
+given (thin lines, one colour per run) and a panel without data is left out,
+never drawn empty. Losses are in nats (cross-entropy), eigenvalues in nats per
+squared parameter unit, distances in units of the filter-normalised direction.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["plot_comparison"]
+__all__ = ["plot_comparison", "plot_seeds", "PANELS"]
 
 _COLORS = {"dropout": "tab:blue", "no_dropout": "tab:orange"}
+_RUNS = ("dropout", "no_dropout")
 
 
 def _label(run: str) -> str:
     return run.replace("_", " ")
 
 
-def plot_comparison(runs: Dict, extras: Dict[str, Dict], out: Path) -> List[str]:
-    """Write ``summary.png`` (spectra, 1-D loss curves, noise vs curvature); return the file names written.
+def _legend_once(ax, run: str, seen: set) -> str | None:
+    if run in seen:
+        return None
+    seen.add(run)
+    return _label(run)
 
-    ``extras[run]`` holds the non-JSON parts of a run: ``"_density"`` (a
-    :class:`~dropflat.Density`) and ``"_curves"`` (a loss curve along directions).
-    """
+
+def _density(ax, reports: Sequence[Dict]) -> bool:
+    seen: set = set()
+    for rep in reports:
+        for run in _RUNS:
+            d = rep["runs"][run].get("spectral_density")
+            if d:
+                ax.plot(d["grid"], np.clip(d["density"], 1e-6, None), color=_COLORS[run], lw=1,
+                        alpha=0.8, label=_legend_once(ax, run, seen))
+    if not seen:
+        return False
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-5)
+    ax.set(xlabel="Hessian eigenvalue λ (nats / param²)", ylabel="spectral density (SLQ, per unit λ)",
+           title="Hessian spectra of the two minima")
+    ax.legend()
+    return True
+
+
+def _top_eigenvalues(ax, reports: Sequence[Dict]) -> bool:
+    seen: set = set()
+    for rep in reports:
+        for run in _RUNS:
+            vals = rep["runs"][run]["hessian_top_eigenvalues"]
+            ax.plot(range(1, len(vals) + 1), vals, "o-", ms=3, lw=1, color=_COLORS[run],
+                    label=_legend_once(ax, run, seen))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_yscale("log")
+    ax.set(xlabel="index i", ylabel="eigenvalue λ_i (nats / param²)", title="top Hessian eigenvalues")
+    ax.legend()
+    return True
+
+
+def _loss_curves(ax, reports: Sequence[Dict]) -> bool:
+    seen: set = set()
+    for rep in reports:
+        for run in _RUNS:
+            c = rep["runs"][run].get("loss_curves")
+            if not c:
+                continue
+            losses = np.asarray(c["losses"], dtype=float)
+            # The median over directions per seed: one readable line per seed and run.
+            ax.plot(c["alphas"], np.median(losses, axis=0), color=_COLORS[run], lw=1,
+                    label=_legend_once(ax, run, seen))
+    if not seen:
+        return False
+    ax.set_yscale("log")
+    ax.set(xlabel="α (units of the filter-normalised direction)", ylabel="training loss, dropout off (nats)",
+           title="1-D loss along random directions (median over directions)")
+    ax.legend()
+    return True
+
+
+def _noise_vs_curvature(ax, reports: Sequence[Dict]) -> bool:
+    aligned = [r["runs"]["dropout"]["alignment"] for r in reports if r["runs"]["dropout"].get("alignment")]
+    if not aligned:
+        return False
+    for i, a in enumerate(aligned):
+        lam = np.asarray(a["hessian_eigenvalues"], dtype=float)
+        var = np.asarray(a["projected_variance"], dtype=float)
+        keep = (lam > 0) & (var > 0)
+        ax.loglog(lam[keep], var[keep], "o", ms=3, color=_COLORS["dropout"],
+                  label="vᵢᵀ C vᵢ (Hessian eigenvectors)" if i == 0 else None)
+        if keep.sum() >= 2 and a.get("slope") is not None and np.isfinite(a["slope"]):
+            x = np.log(lam[keep])
+            icpt = np.mean(np.log(var[keep]) - a["slope"] * x)
+            xs = np.linspace(x.min(), x.max(), 20)
+            ax.loglog(np.exp(xs), np.exp(icpt + a["slope"] * xs), "--", color="gray", lw=1,
+                      label=f"fit per seed (slope {np.mean([b['slope'] for b in aligned]):.2f} mean)"
+                      if i == 0 else None)
+        null = a.get("projected_variance_null")
+        if null and i == 0:
+            lo, hi = max(null["mean"] - 2 * null["std"], null["mean"] * 1e-3), null["mean"] + 2 * null["std"]
+            ax.axhspan(lo, hi, color="gray", alpha=0.25, label="random directions (± 2 sd)")
+    ax.set(xlabel="Hessian eigenvalue λ_i (nats / param²)", ylabel="noise variance along v_i (nats² / param²)",
+           title="dropout noise against curvature")
+    from matplotlib.ticker import NullFormatter
+
+    if np.ptp(np.log10(ax.get_xlim())) > 1:  # beyond a decade, labelled minor ticks would overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend()
+    return True
+
+
+def _variance_flatness(ax, reports: Sequence[Dict]) -> bool:
+    drawn = False
+    for rep in reports:
+        vf = rep["runs"]["dropout"].get("variance_flatness")
+        if not vf:
+            continue
+        var = np.asarray(vf["variances"], dtype=float)
+        flat = np.asarray([np.nan if f is None else f for f in vf["flatness"]], dtype=float)
+        keep = np.isfinite(flat) & (var > 0) & (flat > 0)
+        ax.loglog(flat[keep], var[keep], "o", ms=3, color=_COLORS["dropout"],
+                  label=None if drawn else "PCA directions of the trajectory")
+        drawn = True
+    if not drawn:
+        return False
+    ax.set(xlabel="interval flatness F_i (units of the direction)", ylabel="trajectory variance σ_i² (param²)",
+           title="variance vs flatness along the dropout trajectory")
+    ax.legend()
+    return True
+
+
+def _alignment_during_training(ax, reports: Sequence[Dict]) -> bool:
+    drawn = False
+    for rep in reports:
+        tracked = rep["runs"]["dropout"].get("alignment_during_training")
+        if not tracked:
+            continue
+        steps = np.asarray([t["step"] for t in tracked], dtype=float)
+        cos = np.asarray([t["cosine"] for t in tracked], dtype=float)
+        null = np.asarray([t["null_mean"] for t in tracked], dtype=float)
+        band = 3 * np.asarray([t["null_std"] for t in tracked], dtype=float)
+        ax.plot(steps, cos, "o-", ms=3, lw=1, color=_COLORS["dropout"], label=None if drawn else "cos(H, C)")
+        ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3,
+                        label=None if drawn else "null ± 3 sd")
+        drawn = True
+    if not drawn:
+        return False
+    ax.set(xlabel="training step", ylabel="cosine (dimensionless)", title="Hessian–noise alignment during training")
+    ax.legend()
+    return True
+
+
+PANELS: List[Callable] = [_density, _top_eigenvalues, _noise_vs_curvature, _loss_curves, _alignment_during_training,
+                          _variance_flatness]
+
+
+def plot_seeds(reports: Sequence[Dict], path: Path, title: str = "") -> List[str]:
+    """Draw every panel that has data for ``reports`` (one per seed) into ``path``; return the panels' titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
-    ax = axes[0, 0]
-    for run, ex in extras.items():
-        d = ex.get("_density")
-        if d is not None:
-            ax.plot(d.grid.numpy(), d.density.clamp_min(1e-6).numpy(), color=_COLORS[run], label=_label(run))
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-5)
-    ax.set(xlabel="eigenvalue", ylabel="density (SLQ)", title="Hessian spectral density")
-    ax.legend()
-
-    ax = axes[0, 1]
-    for run, r in runs.items():
-        vals = r["hessian_top_eigenvalues"]
-        ax.plot(range(1, len(vals) + 1), vals, "o-", color=_COLORS[run], label=_label(run))
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="index", ylabel="eigenvalue", title="top Hessian eigenvalues")
-    ax.legend()
-
-    ax = axes[1, 0]
-    for run, ex in extras.items():
-        c = ex.get("_curves")
-        if c is None:
-            continue
-        losses = np.asarray(c.losses, dtype=float)
-        alphas = np.asarray(c.alphas, dtype=float)
-        for i, row in enumerate(losses):
-            ax.plot(alphas, row, color=_COLORS[run], alpha=0.35 if i else 1.0, label=_label(run) if i == 0 else None)
-    ax.set_yscale("log")
-    ax.set(xlabel="α (filter-normalised direction)", ylabel="training loss, dropout off",
-           title="loss along random directions")
-    ax.legend()
-
-    ax = axes[0, 2]
-    a = runs["dropout"].get("alignment")
-    if a:
-        lam = np.asarray(a["hessian_eigenvalues"], dtype=float)
-        var = np.asarray(a["projected_variance"], dtype=float)
-        keep = (lam > 0) & (var > 0)
-        ax.loglog(lam[keep], var[keep], "o", color=_COLORS["dropout"], label="v_iᵀ C v_i")
-        if keep.sum() >= 2 and np.isfinite(a["slope"]):
-            x = np.log(lam[keep])
-            icpt = np.mean(np.log(var[keep]) - a["slope"] * x)
-            xs = np.linspace(x.min(), x.max(), 20)
-            ax.loglog(np.exp(xs), np.exp(icpt + a["slope"] * xs), "--", color="gray",
-                      label=f"slope {a['slope']:.2f}")
-        null = a.get("projected_variance_null")
-        if null and keep.any():
-            lo, hi = max(null["mean"] - 2 * null["std"], null["mean"] * 1e-3), null["mean"] + 2 * null["std"]
-            ax.axhspan(lo, hi, color="gray", alpha=0.25, label="random directions (± 2 sd)")
-        ax.set(xlabel="Hessian eigenvalue λ_i", ylabel="dropout-noise variance along v_i",
-               title=f"noise vs curvature (cos {a['cosine']:.3f}, null {a['null_mean']:.2g}±{a['null_std']:.1g})")
-        ax.legend()
-    else:
-        ax.set_axis_off()
-    _variance_flatness(axes[1, 1], runs["dropout"].get("variance_flatness"))
-    _alignment_during_training(axes[1, 2], runs["dropout"].get("alignment_during_training"))
-    from matplotlib.ticker import NullFormatter
-
-    if np.ptp(np.log10(axes[0, 2].get_xlim())) > 1:  # beyond a decade, labelled minor ticks would overlap
-        axes[0, 2].xaxis.set_minor_formatter(NullFormatter())
+    scratch = plt.figure()
+    have = [panel for panel in PANELS if panel(scratch.add_subplot(), reports)]
+    plt.close(scratch)
+    cols = min(3, len(have))
+    rows = -(-len(have) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.8 * cols, 4.3 * rows), squeeze=False)
+    titles = []
+    for ax, panel in zip(axes.flat, have):
+        panel(ax, reports)
+        titles.append(ax.get_title())
+    for ax in list(axes.flat)[len(have):]:
+        fig.delaxes(ax)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "summary.png", dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return titles
+
+
+def plot_comparison(runs: Dict, out: Path) -> List[str]:
+    """Write one seed's ``summary.png``; return the file names written."""
+    plot_seeds([{"runs": runs}], Path(out) / "summary.png")
     return ["summary.png"]
-
-
-def _variance_flatness(ax, vf) -> None:
-    if not vf:
-        ax.set_axis_off()
-        return
-    var = np.asarray(vf["variances"], dtype=float)
-    flat = np.asarray([np.nan if f is None else f for f in vf["flatness"]], dtype=float)
-    keep = np.isfinite(flat) & (var > 0) & (flat > 0)
-    ax.loglog(flat[keep], var[keep], "o", color=_COLORS["dropout"], label="PCA directions of the trajectory")
-    if keep.sum() >= 2 and np.isfinite(vf["exponent"]):
-        x = np.log(flat[keep])
-        icpt = np.mean(np.log(var[keep]) + vf["exponent"] * x)
-        xs = np.linspace(x.min(), x.max(), 20)
-        ax.loglog(np.exp(xs), np.exp(icpt - vf["exponent"] * xs), "--", color="gray",
-                  label=f"σ² ∝ F^(-ψ), ψ = {vf['exponent']:.2f}")
-    ax.set(xlabel="interval flatness F_i", ylabel="trajectory variance σ_i²",
-           title=f"variance vs flatness ({vf['steps']} dropout GD steps)")
-    ax.legend()
-
-
-def _alignment_during_training(ax, tracked) -> None:
-    if not tracked:
-        ax.set_axis_off()
-        return
-    steps = np.asarray([t["step"] for t in tracked], dtype=float)
-    cos = np.asarray([t["cosine"] for t in tracked], dtype=float)
-    null = np.asarray([t["null_mean"] for t in tracked], dtype=float)
-    band = 3 * np.asarray([t["null_std"] for t in tracked], dtype=float)
-    ax.plot(steps, cos, "o-", color=_COLORS["dropout"], label="cos(H, C)")
-    ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3, label="null ± 3 sd")
-    ax.set(xlabel="training step", ylabel="cosine", title="Hessian–noise alignment during training")
-    ax.legend()

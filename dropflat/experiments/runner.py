@@ -23,7 +23,7 @@ from ..progress import resolve_progress
 from .measure import MeasureConfig, alignment_probe, measure
 from .plots import plot_comparison
 from .report import write_report
-from .training import TrainConfig, recalibrate_batchnorm, train
+from .training import TrainConfig, load_plain, recalibrate_batchnorm, train
 
 __all__ = ["Experiment", "run_experiment", "split_batches", "accuracy_on"]
 
@@ -40,6 +40,7 @@ class Experiment:
     train: TrainConfig
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     settings: Dict = field(default_factory=dict)  # JSON-able: architecture and data sizes (fingerprinted)
+    notes: str = ""                               # how the run departs from the paper's setting, for the report
 
 
 def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
@@ -54,12 +55,13 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     show = resolve_progress(progress)
     dev = torch.device(device)
-    runs, extras = {}, {}
+    runs = {}
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         for label, with_dropout in (("dropout", True), ("no_dropout", False)):
             fingerprint = exp.train.fingerprint({"experiment": exp.name, "run": label, "seed": seed,
                                                  "device": str(dev), "settings": exp.settings,
-                                                 "track": [exp.measure.track_every, exp.measure.track_masks]})
+                                                 "track": [exp.measure.track_every, exp.measure.track_masks,
+                                                           exp.measure.track_samples]})
             torch.manual_seed(seed)  # the same initialisation for both runs
             model = exp.make_model(with_dropout).to(dev)
             ckpt = out / "checkpoints" / f"{label}.pt"
@@ -77,8 +79,8 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
                 record = measure(model, exp.curvature_batches, exp.loss_fn, exp.accuracy, exp.measure,
                                  with_noise=with_dropout, seed=seed, progress=show)
                 atomic_save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
-            extras[label] = {k: record.pop(k) for k in [k for k in record if k.startswith("_")]}
             record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps,
+                          stop_reason=log.stop_reason, stop_loss=log.clean_loss,
                           resumed_from_step=log.resumed_from, train_curve=log.losses[:: max(1, len(log.losses) // 100)])
             if log.tracked:
                 record["alignment_during_training"] = log.tracked
@@ -89,11 +91,13 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
         "device": str(dev),
         "elapsed_s": time.perf_counter() - t0,
         "data": exp.data,
+        "notes": exp.notes,
+        "target_loss": exp.train.target_loss,
         "config": {"train": asdict(exp.train), "measure": asdict(exp.measure), **exp.settings},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "runs": runs,
     }
-    figures = plot_comparison(runs, extras, out)
+    figures = plot_comparison(runs, out)
     write_report(report, out, figures)
     return report
 
@@ -122,7 +126,7 @@ def accuracy_on(x, y, ignore_index: Optional[int] = None) -> Callable:
 def _load_measurement(path: Path, fingerprint: str, cfg: MeasureConfig) -> Optional[Dict]:
     if not path.exists():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_plain(path)
     if saved.get("fingerprint") != fingerprint or saved.get("measure") != asdict(cfg):
         return None
     return saved["record"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -21,7 +22,7 @@ from ..data import call_model
 from ..model_loss import ModelLoss
 from ..progress import progress_bar
 
-__all__ = ["TrainConfig", "TrainLog", "train", "mean_loss", "recalibrate_batchnorm"]
+__all__ = ["TrainConfig", "TrainLog", "train", "mean_loss", "recalibrate_batchnorm", "load_plain"]
 
 
 @dataclass
@@ -34,7 +35,8 @@ class TrainConfig:
     milestones: Tuple[int, ...] = ()   # learning rate / 10 at each of these steps
     warmup: int = 0                    # linear warm-up over this many steps
     target_loss: Optional[float] = None  # stop once the dropout-off training loss is this low ...
-    check_every: int = 25                # ... checked every this many steps
+    check_every: int = 25                # ... checked every this many steps, ...
+    fine_check_every: Optional[int] = None  # ... and every this many once it is within 2x of the target
     checkpoint_every: int = 100
 
     def fingerprint(self, extra: dict) -> str:
@@ -50,6 +52,11 @@ class TrainLog:
     done: bool = False
     resumed_from: int = 0
     tracked: List[dict] = field(default_factory=list)   # what ``callback`` returned, with its step
+    stop_reason: str = ""                                # "target" (reached target_loss) or "cap" (ran all steps)
+
+    @property
+    def reached_target(self) -> bool:
+        return self.stop_reason == "target"
 
 
 def mean_loss(model: nn.Module, batches: Sequence, loss_fn: Callable) -> float:
@@ -106,7 +113,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     log = TrainLog()
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_plain(checkpoint)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -143,20 +150,48 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
         log.steps = step + 1
         log.losses.append(step_loss)
         last = log.steps == cfg.steps
-        if cfg.target_loss is not None and (log.steps % cfg.check_every == 0 or last):
+        if cfg.target_loss is not None and (log.steps % _check_interval(cfg, log.clean_loss) == 0 or last):
             log.clean_loss = mean_loss(model, eval_batches, eval_loss_fn)
             bar.set_postfix_str(f"loss {log.clean_loss:.2e}")
-            log.done = log.clean_loss <= cfg.target_loss
-        log.done = log.done or last
+            if log.clean_loss <= cfg.target_loss:
+                log.done, log.stop_reason = True, "target"
+        if last and not log.done:
+            log.done, log.stop_reason = True, "cap"
         if track and (log.steps % callback_every == 0 or log.done):
             log.tracked.append({"step": log.steps, **callback(model)})
         if checkpoint is not None and (log.steps % cfg.checkpoint_every == 0 or log.done):
             save_checkpoint(checkpoint, model, opt, log, fingerprint)
     log.done = True
+    log.stop_reason = log.stop_reason or "cap"
     if log.clean_loss is None or cfg.target_loss is None:
         log.clean_loss = mean_loss(model, eval_batches, eval_loss_fn)
     model.eval()
     return log
+
+
+def _check_interval(cfg: TrainConfig, clean_loss: Optional[float]) -> int:
+    """Steps between dropout-off loss checks: finer near the target, so runs stop close to the same loss.
+
+    The interval depends only on the last checked loss (saved in the log), so a resumed run checks
+    at the same steps as an uninterrupted one.
+    """
+    near = clean_loss is not None and cfg.target_loss is not None and clean_loss <= 2 * cfg.target_loss
+    fine = cfg.fine_check_every or max(1, cfg.check_every // 8)
+    return fine if near else cfg.check_every
+
+
+def load_plain(path: Path) -> dict:
+    """A checkpoint or measurement cache read with ``weights_only=True``: tensors and plain containers only.
+
+    A file that holds any other pickled object is refused: unpickling it could run code from
+    whoever wrote the results folder.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain containers; dropflat refuses to "
+                         "unpickle them (that could run code from whoever wrote the file). Delete the file, or "
+                         "rerun without resuming, to recompute it") from err
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt, log: TrainLog, fingerprint: str) -> None:
