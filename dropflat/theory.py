@@ -32,6 +32,7 @@ matrix-free estimators and to study the theory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -111,17 +112,108 @@ def _covariance_from(A: torch.Tensor, B: torch.Tensor, q: float) -> torch.Tensor
     return C + (mu4 - s2 ** 2) * Bd.T @ Bd
 
 
-def noise_covariance(terms: LastLayerTerms, masks: str = "shared") -> torch.Tensor:
-    """The exact dropout-noise covariance ``C`` (``"shared"``) or ``C_ps`` (``"per_sample"``), ``P x P``."""
+def _dense_covariance(terms: LastLayerTerms, masks: str) -> torch.Tensor:
+    """The closed form with ``B`` held densely, ``[n, m, m, P]``: the reference for small networks."""
     c, v, g, e = terms.c, terms.v, terms.g, terms.e
     n = c.shape[0]
     A_i = e[:, None, None] * v + c[:, :, None] * g[:, None, :]         # [n, m, P]: A^(i)_k
     B_i = c[:, :, None, None] * v[:, None, :, :]                       # [n, m, m, P]: B^(i)_jk = c_ij v_ik
     if masks == "shared":
         return _covariance_from(A_i.mean(0), B_i.mean(0), terms.q)
-    if masks == "per_sample":
-        return sum(_covariance_from(A_i[i], B_i[i], terms.q) for i in range(n)) / n ** 2
-    raise ValueError(f"masks must be 'shared' or 'per_sample', got {masks!r}")
+    return sum(_covariance_from(A_i[i], B_i[i], terms.q) for i in range(n)) / n ** 2
+
+
+def _supports(v: torch.Tensor) -> torch.Tensor:
+    """``idx: [m, s]``: row ``k`` lists ``S_k``, the positions where some ``v_ik`` is nonzero, in increasing order.
+
+    Rows shorter than the largest support ``s`` are padded with positions outside ``S_k``:
+    every ``v_ik`` is zero there, so the padding carries zeros through every term.
+    """
+    nz = (v != 0).any(0)                                               # [m, P]
+    s = max(int(nz.sum(1).max()), 1)
+    # stable: the support first, in increasing order, then the rest (the padding)
+    return torch.argsort(nz.to(torch.uint8), dim=1, descending=True, stable=True)[:, :s]
+
+
+def _add_sparse_covariance(C: torch.Tensor, c: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, g: torch.Tensor,
+                           e: torch.Tensor, q: float, scale: float, chunk_elements: int = 1 << 22) -> None:
+    """Add ``scale`` times the shared-mask formula of the samples ``c: [n, m]``, ``g``, ``e`` into ``C``.
+
+    ``V[i, k, t] = v_ik[idx[k, t]]`` are the gradients gathered on the supports. Nothing
+    ``[m, m, P]`` is formed; with ``S_k`` the scatter of ``R^s`` into ``R^P`` at ``idx[k]``:
+
+    - dropout's ``η`` takes two values, so ``η_k² - s2 = ρ η_k`` with ``ρ = μ3/s2`` and the
+      ``A`` and ``B_kk`` terms make one square, ``s2 Σ_k A'_k A'_kᵀ`` with ``A'_k = A_k + ρ B_kk``
+      (``μ4 - s2² = μ3²/s2``; the remainder ``(μ4 - s2² - μ3²/s2) Σ_k B_kk B_kkᵀ`` is kept, ≈ 0);
+    - ``A'_k = S_k L_k + Gᵀ w_k`` with ``L_k = (1/n) Σ_i e_i V_ik + ρ B_kk`` on ``S_k`` and
+      ``w_k = c_{:k}/n``, so ``Σ_k A'_k A'_kᵀ = Σ_k S_k L_k L_kᵀ S_kᵀ + Gᵀ M G + Zᵀ G + Gᵀ Z`` with
+      ``M = c cᵀ/n²`` and ``Z = Σ_k w_k (S_k L_k)ᵀ`` (``[n, P]``): a rank-``2n`` product and blocks ``(S_k, S_k)``;
+    - ``Σ_j B_jk B_jkᵀ = (1/n²) Σ_il K_il (S_k V_ik)(S_k V_lk)ᵀ`` (``K = c cᵀ``): block ``(S_k, S_k)``;
+    - ``B_jk B_kjᵀ`` lands in block ``(S_k, S_j)``: ``m² s²`` numbers, made and scattered a chunk of ``k`` at a time.
+
+    The pair sums run over all ``j, k``; their ``j = k`` terms (``2 s2² B_kk B_kkᵀ``) come off the diagonal blocks.
+    """
+    s2, mu3, mu4 = dropout_moments(q)
+    if s2 == 0:  # q = 0: no noise
+        return
+    n, m, s = V.shape
+    rho = mu3 / s2
+    Bd = torch.einsum("ik,ikt->kt", c, V) / n                          # B_kk on S_k
+    L = torch.einsum("i,ikt->kt", e, V) / n + rho * Bd                 # A'_k - Gᵀ w_k, on S_k
+    # the rank-2n part: s2 [G; Z]ᵀ [M G + Z; G]
+    Z = torch.zeros(n, C.shape[0], dtype=C.dtype, device=C.device)
+    Z.index_add_(1, idx.reshape(-1), (c[:, :, None] * L).reshape(n, -1) / n)
+    M = c @ c.T / n ** 2
+    C.addmm_(torch.cat([g, Z]).T, torch.cat([M @ g + Z, g]), alpha=scale * s2)
+    # the diagonal blocks (S_k, S_k)
+    KV = torch.einsum("il,lku->iku", c @ c.T, V)
+    diag = (s2 * L[:, :, None] * L[:, None, :] + s2 ** 2 * torch.einsum("ikt,iku->ktu", V, KV) / n ** 2
+            + (mu4 - 3 * s2 ** 2 - mu3 ** 2 / s2) * Bd[:, :, None] * Bd[:, None, :])
+    C.index_put_((idx[:, :, None], idx[:, None, :]), scale * diag, accumulate=True)
+    # the blocks (S_k, S_j): s2² B_jk B_kjᵀ, chunks of units k
+    step = max(1, chunk_elements // (m * s * s))
+    for k0 in range(0, m, step):
+        ks = slice(k0, k0 + step)
+        B_jk = torch.einsum("ij,ikt->kjt", c, V[:, ks]) / n            # [k, j, t] = B_jk on S_k
+        B_kj = torch.einsum("ik,iju->kju", c[:, ks], V) / n            # [k, j, u] = B_kj on S_j
+        C.index_put_((idx[ks, None, :, None], idx[None, :, None, :]),
+                     (scale * s2 ** 2) * B_jk[:, :, :, None] * B_kj[:, :, None, :], accumulate=True)
+
+
+def _sparse_covariance(terms: LastLayerTerms, masks: str, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The closed form from the supports of ``v`` (see :func:`_add_sparse_covariance`)."""
+    c, v, g, e = terms.c, terms.v, terms.g, terms.e
+    n, m, P = v.shape
+    if idx is None:
+        idx = _supports(v)
+    V = v.gather(2, idx[None].expand(n, -1, -1))                       # [n, m, s]
+    C = torch.zeros(P, P, dtype=v.dtype, device=v.device)
+    if masks == "shared":
+        _add_sparse_covariance(C, c, V, idx, g, e, terms.q, 1.0)
+    else:  # C_ps = (1/n²) Σ_i C^(i): the shared formula of each sample alone
+        for i in range(n):
+            sl = slice(i, i + 1)
+            _add_sparse_covariance(C, c[sl], V[sl], idx, g[sl], e[sl], terms.q, 1.0 / n ** 2)
+    return C
+
+
+def noise_covariance(terms: LastLayerTerms, masks: str = "shared") -> torch.Tensor:
+    """The exact dropout-noise covariance ``C`` (``"shared"``) or ``C_ps`` (``"per_sample"``), ``P x P``.
+
+    The ``B`` terms are built from the supports ``S_k`` of the unit gradients ``v_ik`` (for a
+    two-layer net: row ``k`` of the first layer, its bias and ``a_k``, ``s = d + 2`` entries):
+    time ``O(n P² + m² s²)`` and memory ``O(P² + n m P)`` beyond the output. When the largest
+    support is not small (``s m > P`` and ``s > P/8``, as in deeper bodies) ``B`` is held densely,
+    ``[n, m, m, P]``. Both give the same matrix up to rounding.
+    """
+    if masks not in ("shared", "per_sample"):
+        raise ValueError(f"masks must be 'shared' or 'per_sample', got {masks!r}")
+    _, m, P = terms.v.shape
+    idx = _supports(terms.v)
+    s = idx.shape[1]
+    if s * m <= P or 8 * s <= P:
+        return _sparse_covariance(terms, masks, idx)
+    return _dense_covariance(terms, masks)
 
 
 def leading_order_covariance(terms: LastLayerTerms, masks: str = "shared") -> torch.Tensor:
