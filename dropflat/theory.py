@@ -87,17 +87,27 @@ def _output(model: nn.Sequential, params: dict, X: torch.Tensor) -> torch.Tensor
 
 
 def last_layer_terms(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor) -> LastLayerTerms:
-    """``c``, ``v``, ``g``, ``e`` at the model's parameters (flat order: ``model.named_parameters()``)."""
+    """``c``, ``v``, ``g``, ``e`` at the model's parameters (flat order: ``model.named_parameters()``).
+
+    ``v`` is ``[n, m, P]``: 335 MB for a two-layer net of width 1024 with ``n = 8``, ``d = 3`` (about
+    4 s on two CPU cores). The Jacobian is taken of the flat parameter vector (no per-tensor copy to
+    concatenate) and ``_JACOBIAN_CHUNK`` output rows at a time (the full basis of ``n m`` cotangents
+    would be another ``[n m, n, m]``).
+    """
     _, q, _ = _split(model)
-    theta = {n: p.detach() for n, p in model.named_parameters()}
+    names = [nm for nm, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = flatten(model.parameters())
+    with_params = lambda flat: dict(zip(names, unflatten(flat, shapes)))  # noqa: E731
     with torch.no_grad():
-        c = _contributions(model, theta, X)
-        e = _output(model, theta, X) - y
-    flat = lambda jac: torch.cat([jac[n].reshape(*jac[n].shape[:jac[n].dim() - t.dim()], -1)  # noqa: E731
-                                  for n, t in theta.items()], dim=-1)
-    v = flat(jacrev(lambda p: _contributions(model, p, X))(theta))    # [n, m, P]
-    g = flat(jacrev(lambda p: _output(model, p, X))(theta))           # [n, P]
+        c = _contributions(model, with_params(theta), X)
+        e = _output(model, with_params(theta), X) - y
+    v = jacrev(lambda flat: _contributions(model, with_params(flat), X), chunk_size=_JACOBIAN_CHUNK)(theta)
+    g = jacrev(lambda flat: _output(model, with_params(flat), X))(theta)   # [n, P]
     return LastLayerTerms(c=c, v=v, g=g, e=e, q=q)
+
+
+_JACOBIAN_CHUNK = 1024
 
 
 def _covariance_from(A: torch.Tensor, B: torch.Tensor, q: float) -> torch.Tensor:
@@ -136,7 +146,7 @@ def _supports(v: torch.Tensor) -> torch.Tensor:
 
 
 def _add_sparse_covariance(C: torch.Tensor, c: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, g: torch.Tensor,
-                           e: torch.Tensor, q: float, scale: float, chunk_elements: int = 1 << 22) -> None:
+                           e: torch.Tensor, q: float, scale: float, chunk_elements: int) -> None:
     """Add ``scale`` times the shared-mask formula of the samples ``c: [n, m]``, ``g``, ``e`` into ``C``.
 
     ``V[i, k, t] = v_ik[idx[k, t]]`` are the gradients gathered on the supports. Nothing
@@ -180,8 +190,12 @@ def _add_sparse_covariance(C: torch.Tensor, c: torch.Tensor, V: torch.Tensor, id
                      (scale * s2 ** 2) * B_jk[:, :, :, None] * B_kj[:, :, None, :], accumulate=True)
 
 
-def _sparse_covariance(terms: LastLayerTerms, masks: str, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The closed form from the supports of ``v`` (see :func:`_add_sparse_covariance`)."""
+def _sparse_covariance(terms: LastLayerTerms, masks: str, idx: Optional[torch.Tensor] = None,
+                       chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """The closed form from the supports of ``v`` (see :func:`_add_sparse_covariance`).
+
+    ``chunk_elements`` bounds the ``(S_k, S_j)`` blocks made at once (4M: 32 MB in float64).
+    """
     c, v, g, e = terms.c, terms.v, terms.g, terms.e
     n, m, P = v.shape
     if idx is None:
@@ -189,11 +203,11 @@ def _sparse_covariance(terms: LastLayerTerms, masks: str, idx: Optional[torch.Te
     V = v.gather(2, idx[None].expand(n, -1, -1))                       # [n, m, s]
     C = torch.zeros(P, P, dtype=v.dtype, device=v.device)
     if masks == "shared":
-        _add_sparse_covariance(C, c, V, idx, g, e, terms.q, 1.0)
+        _add_sparse_covariance(C, c, V, idx, g, e, terms.q, 1.0, chunk_elements)
     else:  # C_ps = (1/n²) Σ_i C^(i): the shared formula of each sample alone
         for i in range(n):
             sl = slice(i, i + 1)
-            _add_sparse_covariance(C, c[sl], V[sl], idx, g[sl], e[sl], terms.q, 1.0 / n ** 2)
+            _add_sparse_covariance(C, c[sl], V[sl], idx, g[sl], e[sl], terms.q, 1.0 / n ** 2, chunk_elements)
     return C
 
 
