@@ -26,8 +26,10 @@ units' ``v_ik``, so the ``A`` terms dominate as ``1/m`` (measured on one random
 network: relative error 1.37, 0.55, 0.13, 0.044 at widths 4, 16, 64, 256; over 40
 networks the error at width 128 was a median 0.13 of that at width 8; see the tests).
 
-Everything is dense (``P x P``): for small networks, to check the
-matrix-free estimators and to study the theory.
+The outputs are dense (``P x P``): to check the matrix-free estimators and to
+study the theory. :func:`noise_covariance` builds the ``B`` terms from the
+supports of the unit gradients ``v_ik`` (a two-layer net: ``d + 2`` entries per
+unit), so it reaches widths ~1024 (``P`` ~5k: 1.5 s and 370 MB with the 200 MB output).
 """
 from __future__ import annotations
 
@@ -86,13 +88,17 @@ def _output(model: nn.Sequential, params: dict, X: torch.Tensor) -> torch.Tensor
     return out + bias[0] if bias is not None else out
 
 
+# cotangents per backward pass of the Jacobian of c: bounds its basis to [1024, n, m] (the whole would be
+# [n m, n, m], 537 MB at n = 8, m = 1024); smaller chunks were slower
+_JACOBIAN_CHUNK = 1024
+
+
 def last_layer_terms(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor) -> LastLayerTerms:
     """``c``, ``v``, ``g``, ``e`` at the model's parameters (flat order: ``model.named_parameters()``).
 
     ``v`` is ``[n, m, P]``: 335 MB for a two-layer net of width 1024 with ``n = 8``, ``d = 3`` (about
-    4 s on two CPU cores). The Jacobian is taken of the flat parameter vector (no per-tensor copy to
-    concatenate) and ``_JACOBIAN_CHUNK`` output rows at a time (the full basis of ``n m`` cotangents
-    would be another ``[n m, n, m]``).
+    5 s and 1.2 GB peak on two loaded CPU cores). The Jacobian is taken of the flat parameter vector
+    (no per-tensor copy to concatenate), ``_JACOBIAN_CHUNK`` outputs at a time.
     """
     _, q, _ = _split(model)
     names = [nm for nm, _ in model.named_parameters()]
@@ -105,9 +111,6 @@ def last_layer_terms(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor) -> 
     v = jacrev(lambda flat: _contributions(model, with_params(flat), X), chunk_size=_JACOBIAN_CHUNK)(theta)
     g = jacrev(lambda flat: _output(model, with_params(flat), X))(theta)   # [n, P]
     return LastLayerTerms(c=c, v=v, g=g, e=e, q=q)
-
-
-_JACOBIAN_CHUNK = 1024
 
 
 def _covariance_from(A: torch.Tensor, B: torch.Tensor, q: float) -> torch.Tensor:

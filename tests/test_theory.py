@@ -84,9 +84,10 @@ def test_sparse_path_at_width_256_on_a_block(masks, fresh_seed):
 def test_sparse_path_matches_dropout_noise_at_width_256(one_thread, fresh_seed):
     """The closed form at width 256 (sparse path) against 8 independent Monte-Carlo batches of 500 masks.
 
-    The batches' spread estimates the Monte-Carlo error of their mean; the distance sat at 0.9-1.05
-    of it over 6 runs. Its size is ~7% of ‖C‖, so this catches errors of indexing or scale, not
-    the B terms alone (~5% of ‖C‖ at this width): those are checked exactly at widths 4 and 16 and on a block.
+    The batches' spread estimates the Monte-Carlo error of their mean (``C``'s distance to it sat at
+    0.92-1.03 of that error over 10 runs: many entries, so it barely fluctuates). The error is 6-9%
+    of ``‖C‖``, so this catches a systematic error ``Δ`` with ``‖Δ‖ > √3 err`` (indexing, scale), not
+    the B terms alone (~5% of ``‖C‖`` at this width): those are checked exactly at widths 4 and 16 and on a block.
     """
     model, X, y, q = two_layer(fresh_seed % 10_000, d=3, m=256, n=8, q=0.2)
     C = theory.noise_covariance(theory.last_layer_terms(model, X, y), "shared")
@@ -95,7 +96,7 @@ def test_sparse_path_matches_dropout_noise_at_width_256(one_thread, fresh_seed):
     mean = batches.mean(0)
     err = float(((batches - mean).pow(2).sum() / (8 * 7)).sqrt())
     print(f"|C_MC - C| = {float((mean - C).norm()):.3e}, Monte-Carlo error {err:.3e}, |C| = {float(C.norm()):.3e}")
-    assert float((mean - C).norm()) <= 3 * err
+    assert float((mean - C).norm()) <= 2 * err
 
 
 def test_hessian_closed_form_matches_operator(fresh_seed):
