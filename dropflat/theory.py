@@ -29,7 +29,7 @@ networks the error at width 128 was a median 0.13 of that at width 8; see the te
 The outputs are dense (``P x P``): to check the matrix-free estimators and to
 study the theory. :func:`noise_covariance` builds the ``B`` terms from the
 supports of the unit gradients ``v_ik`` (a two-layer net: ``d + 2`` entries per
-unit), so it reaches widths ~1024 (``P`` ~5k: 1.5 s and 370 MB with the 200 MB output).
+unit), so it reaches width 1024 (``P`` ~5k: ~1.2 s, ~100 MB beside the 200 MB output).
 """
 from __future__ import annotations
 
@@ -194,10 +194,10 @@ def _add_sparse_covariance(C: torch.Tensor, c: torch.Tensor, V: torch.Tensor, id
 
 
 def _sparse_covariance(terms: LastLayerTerms, masks: str, idx: Optional[torch.Tensor] = None,
-                       chunk_elements: int = 1 << 22) -> torch.Tensor:
+                       chunk_elements: int = 1 << 20) -> torch.Tensor:
     """The closed form from the supports of ``v`` (see :func:`_add_sparse_covariance`).
 
-    ``chunk_elements`` bounds the ``(S_k, S_j)`` blocks made at once (4M: 32 MB in float64).
+    ``chunk_elements`` bounds the ``(S_k, S_j)`` blocks made at once (1M: 8 MB in float64).
     """
     c, v, g, e = terms.c, terms.v, terms.g, terms.e
     n, m, P = v.shape
