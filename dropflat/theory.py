@@ -219,7 +219,9 @@ def noise_covariance(terms: LastLayerTerms, masks: str = "shared") -> torch.Tens
 
     The ``B`` terms are built from the supports ``S_k`` of the unit gradients ``v_ik`` (for a
     two-layer net: row ``k`` of the first layer, its bias and ``a_k``, ``s = d + 2`` entries):
-    time ``O(n P² + m² s²)`` and memory ``O(P² + n m P)`` beyond the output. When the largest
+    time ``O(n P² + m² s²)`` (per-sample: ``n`` times that), memory ``O(m P)`` beside the output
+    and ``terms``. Measured (two loaded CPU cores, ``d = 3``, ``n = 8``, shared): width 64 0.13 s,
+    256 0.28 s, 1024 1.0-1.4 s (+~100 MB beside the 200 MB ``C``). When the largest
     support is not small (``s m > P`` and ``s > P/8``, as in deeper bodies) ``B`` is held densely,
     ``[n, m, m, P]``. Both give the same matrix up to rounding.
     """
