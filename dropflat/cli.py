@@ -50,7 +50,8 @@ def _print_summary(summary: Dict, out: str) -> None:
 
 def _reproduce(args) -> int:
     from .experiments.datasets import DatasetNotFoundError
-    from .experiments.reproduce import THEORY_WIDTHS, THEORY_WIDTHS_QUICK, reproduce, reproduce_all
+    from .experiments.reproduce import (THEORY_MASKS, THEORY_MASKS_QUICK, THEORY_WIDTHS, THEORY_WIDTHS_QUICK,
+                                            reproduce, reproduce_all)
     from .experiments.theory_check import theory_check, write_theory
 
     preset = "quick" if args.quick else args.preset
@@ -74,7 +75,7 @@ def _reproduce(args) -> int:
         if args.experiment == "theory":
             quick = preset == "quick"
             result = theory_check(widths=THEORY_WIDTHS_QUICK if quick else THEORY_WIDTHS, seeds=range(seeds),
-                                  num_masks=2000 if quick else 20000)
+                                  num_masks=THEORY_MASKS_QUICK if quick else THEORY_MASKS)
             write_theory(result, out)
             from .experiments.aggregate import _claim_rows
 

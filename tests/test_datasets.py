@@ -260,6 +260,19 @@ def test_cifar_missing(tmp_path):
     assert "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
 
 
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="no ../shared/data/mnist")
+def test_mnist_shared_copy():
+    """The official gzip'd IDX files, read as distributed: sizes, first labels and per-class counts of MNIST."""
+    x, y = load_mnist(SHARED, "train")
+    assert x.shape == (60000, 28, 28) and x.dtype == torch.uint8 and y.shape == (60000,)
+    assert y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert torch.bincount(y, minlength=10).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert int(x[0].max()) == 255 and int(x[0, 0, 0]) == 0  # ink 255, background 0
+    x, y = load_mnist(SHARED, "test")
+    assert x.shape == (10000, 28, 28) and y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert torch.bincount(y, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
 def test_cifar10_shared_copy():
     x, y = load_cifar(SHARED, "cifar10", "train")

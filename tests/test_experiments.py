@@ -147,6 +147,33 @@ def test_training_stops_at_target_loss_and_reports_divergence(fresh_seed):
         train(model, batches, F.cross_entropy, TrainConfig(optimizer="lbfgs"))
 
 
+def test_matched_loss_stop_is_at_the_first_crossing_and_says_why(fresh_seed):
+    """Checked every step, training stops at the first step whose dropout-off loss is <= the target; checked
+    coarsely with fine checks near the target, it stops within one coarse interval of that step (at it when a
+    coarse check saw the loss within 2x of the target before it crossed)."""
+    target = 0.6
+    model, batches = _setup(fresh_seed)
+    every = train(model, batches, F.cross_entropy, TrainConfig(lr=1e-2, steps=3000, target_loss=target,
+                                                               check_every=1))
+    first = every.steps
+    assert every.stop_reason == "target" and every.reached_target and every.clean_loss <= target
+    model, batches = _setup(fresh_seed)
+    coarse = train(model, batches, F.cross_entropy, TrainConfig(lr=1e-2, steps=3000, target_loss=target,
+                                                                check_every=40, fine_check_every=1))
+    assert coarse.stop_reason == "target" and coarse.clean_loss <= target
+    assert first <= coarse.steps < first + 40, (first, coarse.steps)
+    # Which loss a coarse check saw last before the crossing decides whether the fine checks caught it.
+    model, batches = _setup(fresh_seed)
+    probe = train(model, batches, F.cross_entropy, TrainConfig(lr=1e-2, steps=(first // 40) * 40 or 1))
+    if probe.clean_loss <= 2 * target:
+        assert coarse.steps == first
+    # A run that cannot reach the level stops at the cap and says so.
+    model, batches = _setup(fresh_seed)
+    capped = train(model, batches, F.cross_entropy, TrainConfig(lr=1e-2, steps=7, target_loss=1e-9, check_every=2))
+    assert capped.stop_reason == "cap" and not capped.reached_target and capped.steps == 7
+    assert capped.clean_loss > 1e-9
+
+
 def test_projection_null_matches_monte_carlo(fresh_seed):
     from dropflat.experiments.measure import _projection_null
 

@@ -80,7 +80,7 @@ def _claim_rows(claims: Sequence[Dict]) -> List[str]:
 def _markdown(summary: Dict, figure: str) -> str:
     s = summary
     acc, paper = s["accuracy"], s["paper_accuracy"]
-    lines = [f"# dropflat reproduce: {s['experiment']} ({len(s['seeds'])} seeds, preset {s['preset']})", "",
+    lines = [f"# dropflat reproduce: {s['experiment']} ({len(s['seeds'])} seed(s), preset {s['preset']})", "",
              f"data: {s['data']}", "", f"setting: {s['notes'] or 'as configured'}", "",
              f"common dropout-off training loss both runs train to: "
              f"{'none (fixed schedule)' if s['target_loss'] is None else format(s['target_loss'], '.0e')}; "

@@ -13,7 +13,7 @@ claim  per-seed statistic                          holds when the interval lies 
        the interval flatness width                 only seeds where both runs reached the
                                                    common loss count
 (b)    slope of ``log vᵢᵀCvᵢ`` on ``log λᵢ``       above 0
-(c)    ``(cos(H, C) - null mean) / null sd``       above 3 (beyond the null band)
+(c)    ``cos(H, C)``                               above the null band (null mean + 3 null sd)
 (d)    leading-order error / Monte-Carlo error     see :mod:`~dropflat.experiments.theory_check`
 =====  ==========================================  ===========================================
 
@@ -135,17 +135,21 @@ def flatness_claims(reports: Sequence[Dict], matched_loss: bool = True) -> List[
         for r in used:
             d, n = sharpness(r["runs"]["dropout"], key), sharpness(r["runs"]["no_dropout"], key)
             ratios.append(math.log(d / n) if d and n and d > 0 and n > 0 else None)
-        iv = t_interval(ratios)
+        log_iv = t_interval(ratios)
         notes = []
         if left:
             notes.append(f"{left} of {len(reports)} seeds left out: a run stopped at the step cap above the "
                          "common loss, so its minima are not comparable")
-        if iv.n < 2:
+        if log_iv.n < 2:
             notes.append("fewer than 2 comparable seeds: no interval, not called")
-        if iv.n < len(ratios):
-            notes.append(f"{len(ratios) - iv.n} seeds without a finite value (a width never reached its level)")
-        claims.append(Claim(f"(a) dropout minimum flatter: {name}", "log(dropout / no dropout)", iv,
-                            verdict_of(iv, holds=direction, line=0.0), "; ".join(notes), ratios))
+        if log_iv.n < len(ratios):
+            notes.append(f"{len(ratios) - log_iv.n} seeds without a finite value (a width never reached its level)")
+        # The interval is formed on log ratios (seeds multiply, not add) and shown as ratios.
+        iv = Interval(*(math.exp(v) for v in (log_iv.mean, log_iv.lo, log_iv.hi)), log_iv.n,
+                      "t on log ratios" if log_iv.n >= 2 else log_iv.method)
+        claims.append(Claim(f"(a) dropout minimum flatter: {name}", "ratio dropout / no dropout (geometric mean)",
+                            iv, verdict_of(log_iv, holds=direction, line=0.0), "; ".join(notes),
+                            [None if r is None else math.exp(r) for r in ratios]))
     return claims
 
 
@@ -167,21 +171,20 @@ def slope_claim(reports: Sequence[Dict]) -> Optional[Claim]:
 
 
 def alignment_claim(reports: Sequence[Dict], band: float = 3.0) -> Optional[Claim]:
-    """Claim (c): cos(H, C) lies above the same-spectra null by more than ``band`` null standard deviations."""
+    """Claim (c): cos(H, C) lies above the same-spectra null band ``null mean + band · null sd`` (widest over seeds)."""
     aligned = [r["runs"]["dropout"]["alignment"] for r in reports if r["runs"]["dropout"].get("alignment")]
     if not aligned:
         return None
-    z = [(a["cosine"] - a["null_mean"]) / a["null_std"] if a["null_std"] > 0 else math.inf for a in aligned]
-    iv = t_interval(z)
-    note = f"t interval over {iv.n} seeds of the cosine's distance from the null mean, in null sd"
+    cos = [a["cosine"] for a in aligned]
+    line = max(a["null_mean"] + band * a["null_std"] for a in aligned)
+    iv = t_interval(cos)
+    note = f"t interval over {iv.n} seeds; null band (randomly oriented matrices, same spectra) up to {line:.2g}"
     if iv.n < 2:
-        # One seed: the null distribution itself is the yardstick (z is already in its standard deviations).
-        iv = Interval(z[0], z[0], z[0], 1, "within seed (null distribution)")
-        note = "one seed: its cosine against the null distribution of randomly oriented same-spectra matrices"
-    cos = t_interval([a["cosine"] for a in aligned])
-    note += f"; cosine {cos}"
-    return Claim("(c) noise covariance aligned with the Hessian", "(cos - null mean) / null sd", iv,
-                 verdict_of(iv, holds="above", line=band), note, z)
+        # One seed: the null distribution itself is the yardstick.
+        iv = Interval(cos[0], cos[0], cos[0], 1, "within seed (null distribution)")
+        note = f"one seed: its cosine against the null band up to {line:.2g} (null mean + {band:g} sd)"
+    return Claim("(c) noise covariance aligned with the Hessian", "cos(H, C)", iv,
+                 verdict_of(iv, holds="above", line=line), note, cos)
 
 
 def accuracy_summary(reports: Sequence[Dict]) -> Dict[str, Interval]:

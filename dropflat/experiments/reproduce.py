@@ -72,7 +72,7 @@ def _fnn_mnist(root, preset: str, device) -> Experiment:
         train_batches=split_batches(x, y, 1000 if quick else 4096), curvature_batches=curvature,
         accuracy=accuracy_on(xt, yt), loss_fn=F.cross_entropy, train=train_cfg, measure=measure,
         settings={"width": width, "n_train": len(y), "preset": preset},
-        notes="" if quick else "the paper's setting (batch size and epoch cap are not given there)")
+        notes="smoke run" if quick else "the paper's setting (batch size and epoch cap are not given there)")
 
 
 def _vgg_cifar10(root, preset: str, device) -> Experiment:
@@ -80,7 +80,7 @@ def _vgg_cifar10(root, preset: str, device) -> Experiment:
     x, y = _images(root, "cifar10", "train", n_train, device)
     xt, yt = _images(root, "cifar10", "test", 500 if preset == "quick" else None, device)
     milestones = tuple(int(steps * f) for f in (0.5, 0.75, 275 / 300))
-    n_curv = {"quick": 256, "cpu": 512, "paper": 2048}[preset]
+    n_curv = {"quick": 128, "cpu": 512, "paper": 2048}[preset]
     return Experiment(
         name="vgg-cifar10", data=f"CIFAR-10, first {len(y)} train / {len(yt)} test images",
         make_model=lambda on: vgg9(10, 0.2 if on else 0.0, width),
@@ -103,7 +103,7 @@ def _resnet(root, preset: str, device, name: str) -> Experiment:
                                  "cpu": (2048, 1.0, 300, 0.05), "paper": (50000, 1.0, 1200, 0.01)}[preset]
     x, y = _images(root, f"cifar{classes}", "train", n_train, device)
     xt, yt = _images(root, f"cifar{classes}", "test", 1000 if classes == 10 else None, device)
-    n_curv = {"quick": 256, "cpu": 512, "paper": 2048}[preset]
+    n_curv = {"quick": 128, "cpu": 512, "paper": 2048}[preset]
     if name == "resnet-cifar10":
         data = (f"CIFAR-10, first {len(y)} of the 15,000 train / {len(yt)} test images: the stand-in for "
                 "CIFAR-100, whose 50,000 images are not here")
@@ -192,8 +192,9 @@ EXPERIMENTS: Dict[str, Callable] = {
     "transformer-multi30k": _transformer_multi30k,
 }
 PRESETS = ("paper", "cpu", "quick")
-THEORY_WIDTHS = (4, 8, 16, 32, 64)
+THEORY_WIDTHS = (8, 32, 128, 512)
 THEORY_WIDTHS_QUICK = (4, 16, 64)
+THEORY_MASKS, THEORY_MASKS_QUICK = 4000, 1000  # Monte-Carlo masks of the theory check (claim d)
 
 
 def build_experiment(name: str, data_dir=None, *, preset: str = "paper", quick: bool = False, device: str = "cpu",
@@ -256,12 +257,14 @@ def reproduce(name: str, data_dir=None, out=None, *, preset: str = "paper", quic
 
 def reproduce_all(data_dir=None, out="dropflat-reproduce", *, preset: str = "cpu", quick: bool = False,
                   seeds: Optional[Dict[str, int]] = None, device: str = "cpu", progress: Optional[bool] = None,
-                  resume: bool = True) -> Dict:
+                  resume: bool = True, steps: Optional[int] = None, measure: Optional[MeasureConfig] = None,
+                  theory_masks: Optional[int] = None) -> Dict:
     """The four experiments (``OUT/EXPERIMENT/seed-S``, each resumable) and one report in ``OUT``.
 
     ``seeds`` maps an experiment to its number of seeds (default 3 each). The ResNet experiment runs on
     CIFAR-100 when ``data_dir`` holds its 50,000 training images, else on CIFAR-10 as the stand-in
-    (the report says which).
+    (the report says which). ``steps`` and ``measure`` override every experiment's step cap and
+    measurement budget, ``theory_masks`` the Monte-Carlo masks of the theory check.
     """
     from .aggregate import write_all
     from .theory_check import theory_check, write_theory
@@ -277,9 +280,10 @@ def reproduce_all(data_dir=None, out="dropflat-reproduce", *, preset: str = "cpu
         counts[key] = value
     quick = quick or preset == "quick"
     summaries = {n: reproduce(n, data_dir, Path(out) / n, preset=preset, quick=quick, seeds=range(counts[n]),
-                              device=device, progress=progress, resume=resume) for n in names}
+                              device=device, progress=progress, resume=resume, steps=steps, measure=measure)
+                 for n in names}
     theory = theory_check(widths=THEORY_WIDTHS_QUICK if quick else THEORY_WIDTHS, seeds=range(counts["theory"]),
-                          num_masks=2000 if quick else 20000)
+                          num_masks=theory_masks or (THEORY_MASKS_QUICK if quick else THEORY_MASKS))
     write_theory(theory, Path(out) / "theory")
     return write_all(summaries, Path(out), theory)
 
