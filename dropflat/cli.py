@@ -50,8 +50,14 @@ def _print_summary(summary: Dict, out: str) -> None:
 
 def _reproduce(args) -> int:
     from .experiments.datasets import DatasetNotFoundError
-    from .experiments.reproduce import (THEORY_MASKS, THEORY_MASKS_QUICK, THEORY_WIDTHS, THEORY_WIDTHS_QUICK,
-                                            reproduce, reproduce_all)
+    from .experiments.reproduce import (
+        THEORY_MASKS,
+        THEORY_MASKS_QUICK,
+        THEORY_WIDTHS,
+        THEORY_WIDTHS_QUICK,
+        reproduce,
+        reproduce_all,
+    )
     from .experiments.theory_check import theory_check, write_theory
 
     preset = "quick" if args.quick else args.preset

@@ -6,8 +6,14 @@ import pytest
 from scipy import stats
 
 from dropflat.experiments import theory_check as tc
-from dropflat.experiments.claims import (alignment_claim, flatness_claims, matched_seeds, slope_claim, t_interval,
-                                         verdict_of)
+from dropflat.experiments.claims import (
+    alignment_claim,
+    flatness_claims,
+    matched_seeds,
+    slope_claim,
+    t_interval,
+    verdict_of,
+)
 
 
 def _run(lam, trace, width, reached=True, acc=0.9, alignment=None):

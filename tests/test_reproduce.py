@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dropflat.cli import main
-from dropflat.experiments.measure import MeasureConfig
 from dropflat.experiments.aggregate import SUMMARY_KEYS
+from dropflat.experiments.measure import MeasureConfig
 from dropflat.experiments.reproduce import EXPERIMENTS, reproduce, reproduce_all, seed_dir
 
 from conftest import SHARED_DATA

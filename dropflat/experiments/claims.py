@@ -79,7 +79,7 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
 
 
 def verdict_of(iv: Interval, *, holds: str, line: float) -> str:
-    """``"holds"``, ``"fails"`` or ``"inconclusive"`` from where ``iv`` lies against ``line``; ``"not called"`` without one."""
+    """``"holds"``, ``"fails"``, ``"inconclusive"`` from where ``iv`` lies against ``line``; ``"not called"``: none."""
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return "not called"
     below, above = iv.hi < line, iv.lo > line

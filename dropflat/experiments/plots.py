@@ -83,7 +83,7 @@ def _loss_curves(ax, reports: Sequence[Dict]) -> bool:
 
 
 def _noise_vs_curvature(ax, reports: Sequence[Dict]) -> bool:
-    aligned = [r["runs"]["dropout"]["alignment"] for r in reports if r["runs"]["dropout"].get("alignment")]
+    aligned = _dropout_entries(reports, "alignment")
     if not aligned:
         return False
     for i, a in enumerate(aligned):
@@ -113,19 +113,20 @@ def _noise_vs_curvature(ax, reports: Sequence[Dict]) -> bool:
     return True
 
 
+def _dropout_entries(reports: Sequence[Dict], key: str) -> List:
+    """The dropout run's ``key`` entry of every seed that measured it."""
+    return [rep["runs"]["dropout"][key] for rep in reports if rep["runs"]["dropout"].get(key)]
+
+
 def _variance_flatness(ax, reports: Sequence[Dict]) -> bool:
-    drawn = False
-    for rep in reports:
-        vf = rep["runs"]["dropout"].get("variance_flatness")
-        if not vf:
-            continue
+    entries = _dropout_entries(reports, "variance_flatness")
+    for i, vf in enumerate(entries):
         var = np.asarray(vf["variances"], dtype=float)
         flat = np.asarray([np.nan if f is None else f for f in vf["flatness"]], dtype=float)
         keep = np.isfinite(flat) & (var > 0) & (flat > 0)
         ax.loglog(flat[keep], var[keep], "o", ms=3, color=_COLORS["dropout"],
-                  label=None if drawn else "PCA directions of the trajectory")
-        drawn = True
-    if not drawn:
+                  label=None if i else "PCA directions of the trajectory")
+    if not entries:
         return False
     ax.set(xlabel="interval flatness F_i (units of the direction)", ylabel="trajectory variance σ_i² (param²)",
            title="variance vs flatness along the dropout trajectory")
@@ -134,20 +135,15 @@ def _variance_flatness(ax, reports: Sequence[Dict]) -> bool:
 
 
 def _alignment_during_training(ax, reports: Sequence[Dict]) -> bool:
-    drawn = False
-    for rep in reports:
-        tracked = rep["runs"]["dropout"].get("alignment_during_training")
-        if not tracked:
-            continue
+    entries = _dropout_entries(reports, "alignment_during_training")
+    for i, tracked in enumerate(entries):
         steps = np.asarray([t["step"] for t in tracked], dtype=float)
         cos = np.asarray([t["cosine"] for t in tracked], dtype=float)
         null = np.asarray([t["null_mean"] for t in tracked], dtype=float)
         band = 3 * np.asarray([t["null_std"] for t in tracked], dtype=float)
-        ax.plot(steps, cos, "o-", ms=3, lw=1, color=_COLORS["dropout"], label=None if drawn else "cos(H, C)")
-        ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3,
-                        label=None if drawn else "null ± 3 sd")
-        drawn = True
-    if not drawn:
+        ax.plot(steps, cos, "o-", ms=3, lw=1, color=_COLORS["dropout"], label=None if i else "cos(H, C)")
+        ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3, label=None if i else "null ± 3 sd")
+    if not entries:
         return False
     ax.set(xlabel="training step", ylabel="cosine (dimensionless)", title="Hessian–noise alignment during training")
     ax.legend()
