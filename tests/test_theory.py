@@ -63,6 +63,9 @@ def test_sparse_path_with_overlapping_supports(masks, fresh_seed):
     torch.manual_seed(fresh_seed)
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.3),
                           nn.Linear(4, 1)).double()
+    with torch.no_grad():  # every ReLU alive on every sample: a dead unit would shrink the supports (8% of seeds)
+        model[0].bias.fill_(5.0)
+        model[2].weight.abs_()
     X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     terms = theory.last_layer_terms(model, X, y)
     assert theory._supports(terms.v).shape[1] > 5  # 12 + 3 (first layer) + row k, b_k, a_k, where alive
