@@ -66,15 +66,15 @@ def available_bytes(device) -> int:
 
 
 def default_budget(device) -> int:
-    """A quarter of the device's free memory, in bytes: the default working set of Hessian products."""
+    """A quarter of the device's available memory, in bytes: the default working set of Hessian products.
+
+    On a CPU "available" counts reclaimable page cache (``MemAvailable``), as :func:`available_bytes`.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 2 << 30
+    return available_bytes(device) // 4
 
 
 def saved_bytes(fn, exclude=()) -> tuple:

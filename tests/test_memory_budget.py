@@ -261,3 +261,23 @@ def test_alignment_chunks_its_products_by_budget(fresh_seed):
     with pytest.raises(MemoryError) as err:
         dropflat.alignment(H, noise, **kw, max_memory=per_sample - 1)
     helpful(err, "noise samples", "smaller chunk")
+
+
+def test_default_budget_sizes_chunks_but_never_refuses(monkeypatch, fresh_seed):
+    """Without max_memory the budget is a share of the memory free now, which other processes move:
+    a tiny one (here 1 byte) must shrink chunks to one vector, not refuse the product (seen in a long run
+    whose neighbour briefly held most of the machine's memory)."""
+    from dropflat.operators import hessian as hessian_module
+
+    torch.manual_seed(fresh_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    data = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4)
+    want = dropflat.HessianOperator(model, data, torch.nn.functional.cross_entropy, engine="rop").matmat(V)
+    monkeypatch.setattr(hessian_module, "_default_budget", lambda device: 1)
+    for engine in ("rop", "autograd", "func"):
+        op = dropflat.HessianOperator(model, data, torch.nn.functional.cross_entropy, engine=engine)
+        torch.testing.assert_close(op.matmat(V), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MemoryError, match="max_memory=1 B"):  # an explicit budget is still kept
+        dropflat.HessianOperator(model, data, torch.nn.functional.cross_entropy, engine="rop",
+                                 max_memory=1).matmat(V)

@@ -216,11 +216,16 @@ class HessianOperator(LinearOperator):
         """
         self._activation_bytes = max(self._activation_bytes, primal.nbytes)
         per_vector = max(1, self._activation_bytes)
-        budget = self.max_memory if self.max_memory is not None else _default_budget(self.device)
         one_at_a_time = primal.engine == "autograd"  # the engine runs one vector at a time; blocks are stacked
-        chunk = fit_chunk("the working set of a Hessian-vector product on this batch (tangents, R-adjoints)",
-                          per_item=per_vector, max_memory=budget, limit=1 if one_at_a_time else k,
-                          fixes="use smaller batches, autocast=torch.bfloat16, or raise max_memory")
+        limit = 1 if one_at_a_time else k
+        if self.max_memory is not None:  # the user's budget is a promise: refuse what cannot keep it
+            chunk = fit_chunk("the working set of a Hessian-vector product on this batch (tangents, R-adjoints)",
+                              per_item=per_vector, max_memory=self.max_memory, limit=limit,
+                              fixes="use smaller batches, autocast=torch.bfloat16, or raise max_memory")
+        else:
+            # The default budget (a share of the memory free right now) only sizes chunks: it moves with
+            # other processes' use, so one vector always goes through (the allocator says if it cannot).
+            chunk = max(1, min(limit, _default_budget(self.device) // per_vector))
         if one_at_a_time:
             self.peak_bytes = max(self.peak_bytes, per_vector + primal.nbytes)
             return k
