@@ -20,7 +20,8 @@ __all__ = ["PAPER_ACCURACY", "summarize", "write_summary", "write_all", "SUMMARY
 # Test accuracy (%) with vs without dropout reported by the group (PAPER.md, settings table).
 PAPER_ACCURACY = {"fnn-mnist": (98.7, 98.1), "vgg-cifar10": (60.6, 59.2), "resnet-cifar100": (54.7, 34.1),
                   "transformer-multi30k": (49.3, 34.7)}
-SUMMARY_KEYS = ("experiment", "seeds", "preset", "data", "notes", "target_loss", "elapsed_s", "stops", "matched_seeds",
+SUMMARY_KEYS = ("experiment", "seeds", "preset", "data", "notes", "target_loss", "elapsed_s", "work_s", "stops",
+                "matched_seeds",
                 "accuracy", "paper_accuracy", "claims")
 
 
@@ -53,6 +54,7 @@ def summarize(name: str, reports: Sequence[Dict]) -> Dict:
         "notes": first.get("notes", ""),
         "target_loss": target,
         "elapsed_s": sum(r["elapsed_s"] for r in reports),
+        "work_s": [r.get("work_s", 0.0) for r in reports],
         "stops": stops,
         "matched_seeds": len(matched_seeds(reports)) if target is not None else len(reports),
         "accuracy": {k: v.to_dict() for k, v in accuracy_summary(reports).items()},
@@ -70,6 +72,10 @@ def _iv(d: Dict, digits: int = 3) -> str:
     return f"{mean:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
 
+def _minutes(work_s: Sequence[float]) -> str:
+    return ", ".join(f"{w / 60:.1f} min" if w else "not recorded" for w in work_s)
+
+
 def _claim_rows(claims: Sequence[Dict]) -> List[str]:
     rows = ["| claim | statistic | mean [95% interval] | verdict | note |", "|---|---|---|---|---|"]
     for c in claims:
@@ -84,8 +90,8 @@ def _markdown(summary: Dict, figure: str) -> str:
              f"data: {s['data']}", "", f"setting: {s['notes'] or 'as configured'}", "",
              f"common dropout-off training loss both runs train to: "
              f"{'none (fixed schedule)' if s['target_loss'] is None else format(s['target_loss'], '.0e')}; "
-             f"{s['matched_seeds']} of {len(s['seeds'])} seeds reached it in both runs; "
-             f"wall time {s['elapsed_s'] / 60:.1f} min in all", "",
+             f"{s['matched_seeds']} of {len(s['seeds'])} seeds reached it in both runs", "",
+             f"time per seed (training and measuring both runs, over resumed calls): {_minutes(s['work_s'])}", "",
              "| seed | dropout | no dropout |", "|---|---|---|"]
     lines += [f"| {st['seed']} | {st['dropout']['text']} | {st['no_dropout']['text']} |" for st in s["stops"]]
     lines += ["", "| test accuracy (%) | dropout | no dropout |", "|---|---|---|",
@@ -123,7 +129,7 @@ def write_all(summaries: Dict[str, Dict], out: Path, theory: Optional[Dict] = No
     lines += ["", "## Claims", ""]
     for name, s in summaries.items():
         lines += [f"### {name}", "", f"{s['data']}; {s['notes']}; {s['matched_seeds']} of {len(s['seeds'])} seeds "
-                  f"matched; {s['elapsed_s'] / 60:.1f} min", "", *_claim_rows(s["claims"]), "",
+                  f"matched; time per seed: {_minutes(s['work_s'])}", "", *_claim_rows(s["claims"]), "",
                   f"![{name}]({name}/figures.png)", ""]
     if theory is not None:
         lines += ["### theory (d)", "", *_claim_rows([theory["claim"]]), "", "![theory](theory/figures.png)", ""]

@@ -178,7 +178,10 @@ def alignment_claim(reports: Sequence[Dict], band: float = 3.0) -> Optional[Clai
     cos = [a["cosine"] for a in aligned]
     line = max(a["null_mean"] + band * a["null_std"] for a in aligned)
     iv = t_interval(cos)
-    note = f"t interval over {iv.n} seeds; null band (randomly oriented matrices, same spectra) up to {line:.2g}"
+    # A cosine lies in [-1, 1], and so does its mean: clipping the interval keeps its coverage.
+    iv.lo, iv.hi = max(iv.lo, -1.0), min(iv.hi, 1.0)
+    note = (f"t interval over {iv.n} seeds (clipped to [-1, 1]); null band (randomly oriented matrices, "
+            f"same spectra) up to {line:.2g}")
     if iv.n < 2:
         # One seed: the null distribution itself is the yardstick.
         iv = Interval(cos[0], cos[0], cos[0], 1, "within seed (null distribution)")

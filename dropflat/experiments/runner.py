@@ -76,11 +76,13 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
             cached = out / "checkpoints" / f"{label}.measure.pt"
             record = _load_measurement(cached, fingerprint, exp.measure) if resume else None
             if record is None:
+                measure_began = time.perf_counter()
                 record = measure(model, exp.curvature_batches, exp.loss_fn, exp.accuracy, exp.measure,
                                  with_noise=with_dropout, seed=seed, progress=show)
+                record["measure_s"] = time.perf_counter() - measure_began
                 atomic_save({"fingerprint": fingerprint, "measure": asdict(exp.measure), "record": record}, cached)
             record.update(batchnorm_recalibrated=recalibrated, train_steps=log.steps,
-                          stop_reason=log.stop_reason, stop_loss=log.clean_loss,
+                          stop_reason=log.stop_reason, stop_loss=log.clean_loss, train_s=log.wall_s,
                           resumed_from_step=log.resumed_from, train_curve=log.losses[:: max(1, len(log.losses) // 100)])
             if log.tracked:
                 record["alignment_during_training"] = log.tracked
@@ -89,7 +91,9 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
         "experiment": exp.name,
         "seed": seed,
         "device": str(dev),
-        "elapsed_s": time.perf_counter() - t0,
+        "elapsed_s": time.perf_counter() - t0,   # this call's (a resumed call skips what was done)
+        # Training and measuring both runs, summed over every call that worked on this seed (0: not recorded).
+        "work_s": sum(r.get("train_s", 0.0) + r.get("measure_s", 0.0) for r in runs.values()),
         "data": exp.data,
         "notes": exp.notes,
         "target_loss": exp.train.target_loss,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -53,6 +54,7 @@ class TrainLog:
     resumed_from: int = 0
     tracked: List[dict] = field(default_factory=list)   # what ``callback`` returned, with its step
     stop_reason: str = ""                                # "target" (reached target_loss) or "cap" (ran all steps)
+    wall_s: float = 0.0                                  # training time so far, summed over resumed calls
 
     @property
     def reached_target(self) -> bool:
@@ -129,6 +131,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
     if track and log.steps == 0 and not log.tracked:
         log.tracked.append({"step": 0, **callback(model)})
     bar = progress_bar(range(log.steps, cfg.steps), enabled=progress, desc=f"train {label}".strip())
+    began = time.perf_counter() - log.wall_s
     for step in bar:
         if log.done:
             break
@@ -159,6 +162,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: Callable, cfg: TrainConf
             log.done, log.stop_reason = True, "cap"
         if track and (log.steps % callback_every == 0 or log.done):
             log.tracked.append({"step": log.steps, **callback(model)})
+        log.wall_s = time.perf_counter() - began
         if checkpoint is not None and (log.steps % cfg.checkpoint_every == 0 or log.done):
             save_checkpoint(checkpoint, model, opt, log, fingerprint)
     log.done = True
