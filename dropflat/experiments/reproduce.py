@@ -192,7 +192,7 @@ EXPERIMENTS: Dict[str, Callable] = {
     "transformer-multi30k": _transformer_multi30k,
 }
 PRESETS = ("paper", "cpu", "quick")
-THEORY_WIDTHS = (8, 32, 128, 512)
+THEORY_WIDTHS = (8, 32, 128, 512, 1024)
 THEORY_WIDTHS_QUICK = (4, 16, 64)
 THEORY_MASKS, THEORY_MASKS_QUICK = 4000, 1000  # Monte-Carlo masks of the theory check (claim d)
 

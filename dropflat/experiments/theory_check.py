@@ -54,7 +54,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def theory_check(widths: Sequence[int] = (8, 32, 128, 512), seeds: Sequence[int] = (0, 1, 2), *, n: int = 8,
+def theory_check(widths: Sequence[int] = (8, 32, 128, 512, 1024), seeds: Sequence[int] = (0, 1, 2), *, n: int = 8,
                  d: int = 3, q: float = 0.2, num_masks: int = 4000, masks: str = "shared") -> Dict:
     """Per width and seed: the leading-order error, the Monte-Carlo error, and the closed form's agreement with MC."""
     from ..noise import dropout_noise
@@ -85,7 +85,7 @@ def _claim(rows, widths, seeds) -> Claim:
 
     logw = np.log(widths)
     slopes = [float(np.polyfit(logw, np.log([at(s, m, "leading_order_error") for m in widths]), 1)[0])
-              for s in seeds]
+              for s in seeds] if len(widths) >= 2 else []  # one width has no trend
     iv = t_interval(slopes)
     if iv.n < 2:
         iv = Interval(iv.mean, math.nan, math.nan, iv.n)
