@@ -30,6 +30,17 @@ def _legend_once(ax, run: str, seen: set) -> str | None:
     return _label(run)
 
 
+def _finish(ax, drawn: bool, *, logy: bool = False, **labels) -> bool:
+    """Label a panel that drew something (axes, title, legend); ``False`` for one with nothing to show."""
+    if not drawn:
+        return False
+    if logy:
+        ax.set_yscale("log")
+    ax.set(**labels)
+    ax.legend()
+    return True
+
+
 def _density(ax, reports: Sequence[Dict]) -> bool:
     seen: set = set()
     for rep in reports:
@@ -38,14 +49,10 @@ def _density(ax, reports: Sequence[Dict]) -> bool:
             if d:
                 ax.plot(d["grid"], np.clip(d["density"], 1e-6, None), color=_COLORS[run], lw=1,
                         alpha=0.8, label=_legend_once(ax, run, seen))
-    if not seen:
-        return False
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-5)
-    ax.set(xlabel="Hessian eigenvalue λ (nats / param²)", ylabel="spectral density (SLQ, per unit λ)",
-           title="Hessian spectra of the two minima")
-    ax.legend()
-    return True
+    if seen:
+        ax.set_ylim(bottom=1e-5)
+    return _finish(ax, bool(seen), logy=True, xlabel="Hessian eigenvalue λ (nats / param²)",
+                   ylabel="spectral density (SLQ, per unit λ)", title="Hessian spectra of the two minima")
 
 
 def _top_eigenvalues(ax, reports: Sequence[Dict]) -> bool:
@@ -73,13 +80,9 @@ def _loss_curves(ax, reports: Sequence[Dict]) -> bool:
             # The median over directions per seed: one readable line per seed and run.
             ax.plot(c["alphas"], np.median(losses, axis=0), color=_COLORS[run], lw=1,
                     label=_legend_once(ax, run, seen))
-    if not seen:
-        return False
-    ax.set_yscale("log")
-    ax.set(xlabel="α (units of the filter-normalised direction)", ylabel="training loss, dropout off (nats)",
-           title="1-D loss along random directions (median over directions)")
-    ax.legend()
-    return True
+    return _finish(ax, bool(seen), logy=True, xlabel="α (units of the filter-normalised direction)",
+                   ylabel="training loss, dropout off (nats)",
+                   title="1-D loss along random directions (median over directions)")
 
 
 def _noise_vs_curvature(ax, reports: Sequence[Dict]) -> bool:
@@ -126,12 +129,9 @@ def _variance_flatness(ax, reports: Sequence[Dict]) -> bool:
         keep = np.isfinite(flat) & (var > 0) & (flat > 0)
         ax.loglog(flat[keep], var[keep], "o", ms=3, color=_COLORS["dropout"],
                   label=None if i else "PCA directions of the trajectory")
-    if not entries:
-        return False
-    ax.set(xlabel="interval flatness F_i (units of the direction)", ylabel="trajectory variance σ_i² (param²)",
-           title="variance vs flatness along the dropout trajectory")
-    ax.legend()
-    return True
+    return _finish(ax, bool(entries), xlabel="interval flatness F_i (units of the direction)",
+                   ylabel="trajectory variance σ_i² (param²)",
+                   title="variance vs flatness along the dropout trajectory")
 
 
 def _alignment_during_training(ax, reports: Sequence[Dict]) -> bool:
@@ -143,11 +143,8 @@ def _alignment_during_training(ax, reports: Sequence[Dict]) -> bool:
         band = 3 * np.asarray([t["null_std"] for t in tracked], dtype=float)
         ax.plot(steps, cos, "o-", ms=3, lw=1, color=_COLORS["dropout"], label=None if i else "cos(H, C)")
         ax.fill_between(steps, null - band, null + band, color="gray", alpha=0.3, label=None if i else "null ± 3 sd")
-    if not entries:
-        return False
-    ax.set(xlabel="training step", ylabel="cosine (dimensionless)", title="Hessian–noise alignment during training")
-    ax.legend()
-    return True
+    return _finish(ax, bool(entries), xlabel="training step", ylabel="cosine (dimensionless)",
+                   title="Hessian–noise alignment during training")
 
 
 PANELS: List[Callable] = [_density, _top_eigenvalues, _noise_vs_curvature, _loss_curves, _alignment_during_training,
