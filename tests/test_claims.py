@@ -103,8 +103,9 @@ def test_theory_check_finds_a_broken_closed_form(monkeypatch, fresh_seed):
     good = tc.theory_check(widths=(4, 16), seeds=seeds, num_masks=400)
     rows = good["rows"]
     assert len(rows) == 4 and all(r["monte_carlo_error"] > 0 for r in rows)
-    # The exact closed form agrees with Monte Carlo to a few MC errors (400 masks: ~10%).
-    assert all(r["closed_form_vs_monte_carlo"] < 5 * r["monte_carlo_error"] for r in rows), rows
+    # The exact closed form agrees with Monte Carlo to a few MC errors (400 masks: ~10%; the batch-means
+    # error has 7 degrees of freedom, so the ratio rarely passes 2).
+    assert all(r["closed_form_vs_monte_carlo"] < 4 * r["monte_carlo_error"] for r in rows), rows
     assert good["claim"]["verdict"] != "fails" or "DISAGREES" not in good["claim"]["note"]
     # A closed form off by 30% is caught: the verdict fails whatever the width trend.
     exact = tc.theory.noise_covariance

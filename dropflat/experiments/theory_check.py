@@ -5,8 +5,8 @@ of width ``m`` with a scalar output and the half-MSE, at an interpolating
 minimum (targets ``y = f(x)``, so ``e = 0``). For each width and seed:
 
 - ``C``: the exact covariance of the gradient noise (:func:`dropflat.theory.noise_covariance`);
-- ``C_MC``: :func:`dropflat.dropout_noise` with ``M`` masks, as two independent halves
-  ``C₁, C₂``; ``‖C₁ - C₂‖ / 2`` estimates the Monte-Carlo error of their mean;
+- ``C_MC``: :func:`dropflat.dropout_noise` with ``M`` masks, as 8 independent batches whose
+  spread estimates the Monte-Carlo error of their mean (batch means, 7 degrees of freedom);
 - ``C₀``: the leading-order form ``(s2/n²) G K Gᵀ`` (:func:`dropflat.theory.leading_order_covariance`).
 
 The relative errors ``‖C_MC - C‖ / ‖C‖`` (should sit at the Monte-Carlo error: it checks
@@ -32,6 +32,8 @@ from ..results import _plain
 from .claims import Claim, Interval, t_interval, verdict_of
 
 __all__ = ["theory_check", "write_theory"]
+
+BATCHES = 8  # independent Monte-Carlo batches: their spread estimates the error of the mean
 
 
 def _half_mse(out, y):
@@ -59,8 +61,9 @@ def theory_check(widths: Sequence[int] = (8, 32, 128, 512, 1024), seeds: Sequenc
     """Per width and seed: the leading-order error, the Monte-Carlo error, and the closed form's agreement with MC."""
     from ..noise import dropout_noise
 
-    if num_masks < 4 or num_masks % 2:
-        raise ValueError(f"num_masks must be an even number >= 4 (two independent halves), got {num_masks}")
+    if num_masks < 2 * BATCHES or num_masks % BATCHES:
+        raise ValueError(f"num_masks must be a multiple of {BATCHES} (independent batches), at least "
+                         f"{2 * BATCHES}, got {num_masks}")
     rows = []
     for seed in seeds:
         for m in widths:
@@ -68,11 +71,14 @@ def theory_check(widths: Sequence[int] = (8, 32, 128, 512, 1024), seeds: Sequenc
             terms = theory.last_layer_terms(model, X, y)
             exact = theory.noise_covariance(terms, masks)
             lead = theory.leading_order_covariance(terms, masks)
-            halves = [dropout_noise(model, [(X, y)], _half_mse, num_masks=num_masks // 2, masks=masks,
-                                    seed=2 * (seed * 1000 + m) + h).to_dense() for h in (0, 1)]
-            mc = (halves[0] + halves[1]) / 2
+            parts = torch.stack([dropout_noise(model, [(X, y)], _half_mse, num_masks=num_masks // BATCHES,
+                                               masks=masks, seed=BATCHES * (seed * 10_000 + m) + b).to_dense()
+                                 for b in range(BATCHES)])
+            mc = parts.mean(0)
+            # Batch means: the spread of B independent estimates gives the error of their mean (B - 1 dof).
+            spread = (parts - mc).pow(2).sum() / (BATCHES * (BATCHES - 1))
             rows.append({"seed": seed, "width": m, "leading_order_error": _rel(lead, exact),
-                         "monte_carlo_error": float((halves[0] - halves[1]).norm() / 2 / exact.norm()),
+                         "monte_carlo_error": float(spread.sqrt() / exact.norm()),
                          "closed_form_vs_monte_carlo": _rel(mc, exact),
                          "num_parameters": int(exact.shape[0])})
     return {"widths": list(widths), "seeds": list(seeds), "n": n, "d": d, "q": q, "num_masks": num_masks,
