@@ -17,6 +17,7 @@ from ..linalg import lanczos, spectral_density
 from ..linalg.stochastic import trace_and_frobenius
 from ..noise import alignment, dropout_noise
 from ..operators import HessianOperator
+from .training import take_samples
 
 __all__ = ["MeasureConfig", "measure", "alignment_probe"]
 
@@ -149,7 +150,7 @@ def _first_samples(batches: Sequence, n: int) -> list:
     for x, y in batches:
         if left <= 0:
             break
-        take = min(left, len(y))
-        out.append(((tuple(t[:take] for t in x) if isinstance(x, tuple) else x[:take]), y[:take]))
-        left -= take
+        take = slice(0, min(left, len(y)))
+        out.append((take_samples(x, take), y[take]))
+        left -= take.stop
     return out

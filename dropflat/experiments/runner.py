@@ -23,7 +23,7 @@ from ..progress import resolve_progress
 from .measure import MeasureConfig, alignment_probe, measure
 from .plots import plot_comparison
 from .report import write_report
-from .training import TrainConfig, load_plain, recalibrate_batchnorm, train
+from .training import TrainConfig, load_plain, recalibrate_batchnorm, take_samples, train
 
 __all__ = ["Experiment", "run_experiment", "split_batches", "accuracy_on"]
 
@@ -109,8 +109,7 @@ def run_experiment(exp: Experiment, out, *, seed: int = 0, device: str = "cpu",
 def split_batches(x, y, size: int):
     """Split a data set into batches of ``size`` (full-batch training accumulates over them)."""
     n = len(y)
-    take = (lambda t, s: tuple(v[s] for v in t)) if isinstance(x, tuple) else (lambda t, s: t[s])
-    return [(take(x, slice(i, i + size)), y[i:i + size]) for i in range(0, n, size)]
+    return [(take_samples(x, slice(i, i + size)), y[i:i + size]) for i in range(0, n, size)]
 
 
 def accuracy_on(x, y, ignore_index: Optional[int] = None) -> Callable:

@@ -88,7 +88,7 @@ def _minibatch(data, batch_size: int, step: int, seed: int):
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     idx = perm[i * batch_size:(i + 1) * batch_size].to(y_all.device)
-    return [(_take(x_all, idx), y_all[idx])]
+    return [(take_samples(x_all, idx), y_all[idx])]
 
 
 def _cat(parts):
@@ -97,7 +97,8 @@ def _cat(parts):
     return torch.cat(parts)
 
 
-def _take(x, idx):
+def take_samples(x, idx):
+    """Samples ``idx`` (an index tensor or a slice) of inputs that are a tensor or a tuple/list of tensors."""
     return type(x)(t[idx] for t in x) if isinstance(x, (tuple, list)) else x[idx]
 
 
