@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from ..results import _plain
 from .claims import accuracy_summary, alignment_claim, flatness_claims, matched_seeds, slope_claim
 from .plots import plot_seeds
+from .report import stop_text
 
 __all__ = ["PAPER_ACCURACY", "summarize", "write_summary", "write_all", "SUMMARY_KEYS"]
 
@@ -25,16 +26,6 @@ SUMMARY_KEYS = ("experiment", "seeds", "preset", "data", "notes", "target_loss",
                 "accuracy", "paper_accuracy", "claims")
 
 
-def _stop_text(run: Dict, target: Optional[float]) -> str:
-    loss = run.get("stop_loss")
-    loss_s = "?" if loss is None else f"{loss:.2e}"
-    if run.get("stop_reason") == "target":
-        return f"reached {target:.0e} at step {run['train_steps']} (loss {loss_s})"
-    if target is None:
-        return f"fixed schedule, {run['train_steps']} steps (loss {loss_s})"
-    return f"step cap {run['train_steps']} at loss {loss_s} > {target:.0e}: not comparable"
-
-
 def summarize(name: str, reports: Sequence[Dict]) -> Dict:
     """The across-seed summary of one experiment's per-seed reports (see :data:`SUMMARY_KEYS`)."""
     first = reports[0]
@@ -44,7 +35,7 @@ def summarize(name: str, reports: Sequence[Dict]) -> Dict:
     stops = [{"seed": r["seed"], **{run: {"reason": r["runs"][run].get("stop_reason"),
                                           "steps": r["runs"][run]["train_steps"],
                                           "loss": r["runs"][run].get("stop_loss"),
-                                          "text": _stop_text(r["runs"][run], target)}
+                                          "text": stop_text(r["runs"][run], target)}
                                     for run in ("dropout", "no_dropout")}} for r in reports]
     return {
         "experiment": name,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..results import _plain
 
-__all__ = ["summary_rows", "verdict", "markdown", "table", "write_report"]
+__all__ = ["summary_rows", "stop_text", "verdict", "markdown", "table", "write_report"]
 
 RUNS = ("dropout", "no_dropout")
 
@@ -46,17 +46,54 @@ def summary_rows(report: Dict) -> List[Tuple[str, str, str]]:
     return rows
 
 
+def stop_text(run: Dict, target: Optional[float]) -> str:
+    """How one training run stopped: at the common training loss, at the step cap, or after a fixed schedule."""
+    loss = run.get("stop_loss")
+    loss_s = "?" if loss is None else f"{loss:.2e}"
+    if target is None:
+        return f"fixed schedule, {run['train_steps']} steps (loss {loss_s})"
+    if run.get("stop_reason") == "target":
+        return f"reached {target:.0e} at step {run['train_steps']} (loss {loss_s})"
+    return f"step cap {run['train_steps']} at loss {loss_s} > {target:.0e}: not comparable"
+
+
+def _stops(report: Dict) -> str:
+    target = report.get("target_loss")
+    return "; ".join(f"{k.replace('_', ' ')} {stop_text(report['runs'][k], target)}" for k in RUNS)
+
+
 def verdict(report: Dict) -> str:
+    """One seed's verdict; flatness is only compared between minima at the same training loss.
+
+    Both runs must have stopped at the common dropout-off training loss (``target_loss``); a run
+    that hit the step cap makes the flatness comparison "not called". Without a target (a fixed
+    schedule) the sentence says at which losses the two minima were compared.
+    """
     d, n = report["runs"]["dropout"], report["runs"]["no_dropout"]
+    if report.get("target_loss") is not None and not all(r.get("stop_reason") == "target" for r in (d, n)):
+        text = (f"Flatness not compared: the two minima are at different training losses ({_stops(report)}); "
+                "train longer (--steps) or choose a level both runs reach (--target-loss).")
+    else:
+        text = (("At matched training loss" if report.get("target_loss") is not None else "After the same schedule")
+                + f" ({_stops(report)}): " + _flatness(d, n))
+    return text + _alignment(d)
+
+
+def _flatness(d: Dict, n: Dict) -> str:
     flatter_max = d["hessian_top_eigenvalues"][0] < n["hessian_top_eigenvalues"][0]
     flatter_tr = d["hessian_trace"] < n["hessian_trace"]
     if flatter_max and flatter_tr:
-        text = "The dropout minimum is flatter: smaller top eigenvalue and smaller trace."
+        text = "the dropout minimum is flatter: smaller top eigenvalue and smaller trace."
     elif not flatter_max and not flatter_tr:
-        text = "Here the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
+        text = "the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
     else:
-        text = "Mixed: the two curvature measures disagree on which minimum is flatter."
+        text = "mixed: the two curvature measures disagree on which minimum is flatter."
+    return text
+
+
+def _alignment(d: Dict) -> str:
     a = d.get("alignment")
+    text = ""
     if a:
         z = (a["cosine"] - a["null_mean"]) / a["null_std"] if a["null_std"] > 0 else float("inf")
         text += (f" The dropout noise is aligned with the Hessian: cosine {a['cosine']:.3f}, "
