@@ -154,8 +154,11 @@ def _transformer_multi30k(root, preset: str, device) -> Experiment:
                                                  drop=0.1 if on else 0.0, pad=pad),
         train_batches=split_batches(inputs, targets, 512), curvature_batches=curvature,
         accuracy=accuracy_on((St, Tt[:, :-1]), Tt[:, 1:], ignore_index=pad), loss_fn=loss_fn,
-        # Label smoothing 0.1 puts the loss's floor near 0.6-0.9 nats: the common level sits above it.
-        train=TrainConfig(optimizer="adam", lr=1e-3, steps=steps, warmup=warmup, target_loss=1.2, check_every=10,
+        # Label smoothing 0.1 puts the loss's floor at 0.1·ln(V/0.1) + 0.1 ≈ 1.05 nats for V ≈ 1,400 target
+        # tokens, and the dropout run's dropout-off loss levels off above it: on 512 pairs (cpu preset, seed 0)
+        # 1.359, 1.305, 1.282 at steps 400, 450, 500, so a level of 1.2 is never reached. 1.35 is one both reach.
+        train=TrainConfig(optimizer="adam", lr=1e-3, steps=steps, warmup=warmup,
+                          target_loss=1.35 if preset == "cpu" else 1.2, check_every=10,
                           fine_check_every=2, checkpoint_every=25 if preset != "paper" else 250),
         measure=_measure(quick, 25 if quick else 1000) if preset != "cpu" else _CPU_MEASURE,
         settings={"layers": layers, "n_pairs": len(src), "preset": preset, "curvature_samples": n_curv,
