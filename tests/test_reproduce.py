@@ -119,6 +119,14 @@ def test_reproduce_all_writes_one_report(data_dir, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "98.7" in text and "49.3" in text and "(d)" in text
     assert json.loads((tmp_path / "report.json").read_text())["theory"]["num_masks"] == 200
+    # Resumable: a second call reuses every run and the theory check written with the same plan ...
+    from dropflat.experiments import theory_check as tc
+
+    saved = tc.saved_theory(tmp_path / "theory", {"widths": [4, 16, 64], "seeds": [0, 1], "num_masks": 200})
+    assert saved is not None and saved["rows"] == report["theory"]["rows"]
+    # ... and not one written with another plan.
+    assert tc.saved_theory(tmp_path / "theory", {"widths": [4, 16, 64], "seeds": [0, 1], "num_masks": 400}) is None
+    assert tc.saved_theory(tmp_path / "theory", {"widths": [4, 16], "seeds": [0, 1], "num_masks": 200}) is None
 
 
 def test_results_folder_with_pickled_objects_is_refused(data_dir, tmp_path):

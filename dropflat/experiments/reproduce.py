@@ -273,7 +273,7 @@ def reproduce_all(data_dir=None, out="dropflat-reproduce", *, preset: str = "cpu
     measurement budget, ``theory_masks`` the Monte-Carlo masks of the theory check.
     """
     from .aggregate import write_all
-    from .theory_check import theory_check, write_theory
+    from .theory_check import saved_theory, theory_check, write_theory
 
     names = ["fnn-mnist", "vgg-cifar10", _resnet_name(data_dir), "transformer-multi30k"]
     counts = {n: 3 for n in names + ["theory"]}
@@ -288,9 +288,12 @@ def reproduce_all(data_dir=None, out="dropflat-reproduce", *, preset: str = "cpu
     summaries = {n: reproduce(n, data_dir, Path(out) / n, preset=preset, quick=quick, seeds=range(counts[n]),
                               device=device, progress=progress, resume=resume, steps=steps, measure=measure)
                  for n in names}
-    theory = theory_check(widths=THEORY_WIDTHS_QUICK if quick else THEORY_WIDTHS, seeds=range(counts["theory"]),
-                          num_masks=theory_masks or (THEORY_MASKS_QUICK if quick else THEORY_MASKS))
-    write_theory(theory, Path(out) / "theory")
+    plan = {"widths": list(THEORY_WIDTHS_QUICK if quick else THEORY_WIDTHS), "seeds": list(range(counts["theory"])),
+            "num_masks": theory_masks or (THEORY_MASKS_QUICK if quick else THEORY_MASKS)}
+    theory = saved_theory(Path(out) / "theory", plan) if resume else None
+    if theory is None:
+        theory = theory_check(**plan)
+        write_theory(theory, Path(out) / "theory")
     return write_all(summaries, Path(out), theory)
 
 

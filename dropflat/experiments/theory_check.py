@@ -31,7 +31,7 @@ from .. import theory
 from ..results import _plain
 from .claims import Claim, Interval, t_interval, verdict_of
 
-__all__ = ["theory_check", "write_theory"]
+__all__ = ["theory_check", "write_theory", "saved_theory"]
 
 BATCHES = 8  # independent Monte-Carlo batches: their spread estimates the error of the mean
 
@@ -135,3 +135,20 @@ def write_theory(result: Dict, out: Path) -> None:
     fig.savefig(out / "figures.png", dpi=100)
     plt.close(fig)
     (out / "report.json").write_text(json.dumps(_plain(result), indent=2, allow_nan=False))
+
+
+def saved_theory(out: Path, plan: Dict) -> "Dict | None":
+    """The check written in ``out`` by :func:`write_theory` if it ran with ``plan`` (its keyword arguments), else None.
+
+    What makes ``reproduce all`` resumable past the theory check; plain JSON, so nothing runs on load.
+    """
+    path = Path(out) / "report.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(theory_check).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    settings = {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in {**defaults, **plan}.items()}
+    return saved if all(saved.get(key) == value for key, value in settings.items()) else None
