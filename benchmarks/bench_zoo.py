@@ -303,6 +303,242 @@ def test_lanczos_curvlinops(benchmark, name):
                     note=f"scipy eigsh which=LA tol={LANCZOS_TOL}")
 
 
+# ---------------------------------------------------------------------- dropout noise (issue 14, point 3)
+
+NOISE_MASKS = 16   # masks of the per-mask timings (dropout_noise and the torch.func loops)
+GRAM_MASKS = 2     # masks of the per-sample Gram (N = samples x masks columns; the fewest a decomposition takes)
+NOISE_SEED = 0
+NOISE_FAMILIES = pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
+
+
+@dataclass
+class NoiseSetup:
+    family: zoo.Family
+    train_model: torch.nn.Module   # a copy in training mode: the plain gradient pass with PyTorch's dropout
+    params: List[torch.Tensor]     # the copy's parameters (dropflat's order)
+    num_params: int
+    reference: torch.Tensor        # [P, NOISE_MASKS]: dropflat's per-mask gradients (un-centred), the check
+
+
+_NOISE: Dict[str, NoiseSetup] = {}
+
+
+def mask_gradients_dropflat(fam: zoo.Family, num_masks: int = NOISE_MASKS) -> torch.Tensor:
+    """``[P, M]`` per-mask mean gradients from :func:`dropflat.dropout_noise` (the factor un-centred)."""
+    C = dropflat.dropout_noise(fam.model, fam.loader, fam.loss_fn, num_masks=num_masks, seed=NOISE_SEED)
+    return C.factor * (num_masks - 1) ** 0.5 + C.mean[:, None]
+
+
+def get_noise_setup(name: str) -> NoiseSetup:
+    if name not in _NOISE:
+        pytest.importorskip("transformers")
+        import copy
+
+        fam = zoo.build(name, dropout=0.1)
+        train = copy.deepcopy(fam.model).train()
+        params = [p for p in train.parameters() if p.requires_grad]
+        ref = mask_gradients_dropflat(fam)
+        _NOISE[name] = NoiseSetup(fam, train, params, sum(p.numel() for p in params), ref)
+    return _NOISE[name]
+
+
+def gradient_dropout(ns: NoiseSetup):
+    """One plain gradient pass with dropout on: ``model.train()``, PyTorch's own masks, ``autograd.grad``."""
+    return torch.autograd.grad(ns.family.loss(ns.train_model), ns.params)
+
+
+def grad_dropout_unit(ns: NoiseSetup) -> float:
+    """Median of three plain gradient passes with dropout on, timed now (see :func:`grad_unit`)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        gradient_dropout(ns)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _replayed(ns: NoiseSetup, mask: int, batch_size: int, sample=None):
+    """dropflat's replayable mask ``mask`` of the whole batch (``sample``: one row of it, inside ``vmap``)."""
+    from dropflat.dropout.takeover import MaskSource, replay_dropout
+    from dropflat.noise.persample import _SampleMasks
+
+    if sample is None:
+        return replay_dropout(MaskSource(NOISE_SEED, mask, "per_sample", 0, batch_size))
+    return replay_dropout(_SampleMasks(NOISE_SEED, mask, "per_sample", 0, batch_size, index=sample))
+
+
+def func_mask_gradients(ns: NoiseSetup, masks) -> torch.Tensor:
+    """``[P, M]``: ``torch.func.grad`` of the batch loss under each of dropflat's replayable masks, a loop."""
+    fam = ns.family
+    named = {n: p.detach() for n, p in ns.train_model.named_parameters() if p.requires_grad}
+    buffers = dict(ns.train_model.named_buffers())
+    B = len(fam.targets)
+
+    def loss(p, mask):
+        with _replayed(ns, mask, B):
+            out = functional_call(ns.train_model, (p, buffers), (), fam.inputs)
+        return fam.loss_fn(out.logits, fam.targets)
+
+    g = grad(loss)
+    return torch.stack([dropflat.flatten(g(named, s).values()) for s in masks], 1)
+
+
+def func_persample_mask_gradients(ns: NoiseSetup, masks) -> torch.Tensor:
+    """``[P, M]``: the textbook per-sample loop, ``vmap(grad)`` per-sample gradients under each mask, averaged.
+
+    Each sample's forward draws its row of the same whole-batch mask (``_SampleMasks``), so the
+    mean over samples is the per-mask gradient above (every family's loss is a mean of equal
+    per-sample terms: GPT-2's sequences have one length).
+    """
+    fam = ns.family
+    named = {n: p.detach() for n, p in ns.train_model.named_parameters() if p.requires_grad}
+    buffers = dict(ns.train_model.named_buffers())
+    B = len(fam.targets)
+
+    def one(p, x, y, index, mask):
+        with _replayed(ns, mask, B, sample=index):
+            out = functional_call(ns.train_model, (p, buffers), (), {k: v[None] for k, v in x.items()})
+        return fam.loss_fn(out.logits, y[None])
+
+    index = torch.arange(B)
+    if _VMAP_OK.get(fam.name, True):
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0, None))
+    else:  # a model whose forward branches on its inputs' values (HF's padding-mask shortcut): a loop of grads
+        g = grad(one)
+
+        def per_sample(p, x, y, index, mask):
+            rows = [g(p, {k: v[i] for k, v in x.items()}, y[i], index[i], mask) for i in range(B)]
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    cols = []
+    for s in masks:
+        block = per_sample(named, fam.inputs, fam.targets, index, s)   # materialised: [B, *p.shape] each
+        cols.append(torch.cat([v.reshape(B, -1) for v in block.values()], 1).mean(0))
+    return torch.stack(cols, 1)
+
+
+_VMAP_OK: Dict[str, bool] = {}  # family -> whether vmap over its samples runs (decided by the untimed check)
+
+
+def per_sample_gram(ns: NoiseSetup, path: str):
+    """The per-sample gradients under ``GRAM_MASKS`` masks and their Gram ``GᵀG`` by ``path`` (pass included)."""
+    import warnings
+
+    from dropflat.noise import PerSampleGradients
+
+    fam = ns.family
+    with warnings.catch_warnings():  # the vmap fallback's warning (norms, Conv1D, tied weights): expected here
+        warnings.simplefilter("ignore", UserWarning)
+        G = PerSampleGradients(fam.model, fam.loader, fam.loss_fn, dropout="fixed", mask_seed=NOISE_SEED,
+                               mask_index=list(range(GRAM_MASKS)), path=path)
+        return G, G.gram()
+
+
+def noise_record(benchmark, ns: NoiseSetup, method: str, masks: int, err=None, **extra):
+    if getattr(benchmark, "stats", None) is None:  # --benchmark-disable
+        return
+    per_mask = benchmark.stats.stats.median / masks
+    unit = grad_dropout_unit(ns)
+    benchmark.extra_info.update(family=ns.family.name, description=ns.family.description, method=method,
+                                num_params=ns.num_params, masks=masks, per_mask_s=per_mask, grad_pass_s=unit,
+                                per_mask_grad_passes=per_mask / unit, max_rel_diff_vs_dropflat=err, **extra)
+
+
+@NOISE_FAMILIES
+def test_noise_gradient_dropout(benchmark, name):
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    gradient_dropout(ns)
+    run(benchmark, lambda: gradient_dropout(ns))
+    noise_record(benchmark, ns, "gradient_dropout", 1)
+
+
+@NOISE_FAMILIES
+def test_noise_dropflat(benchmark, name):
+    """``dropout_noise`` over ``NOISE_MASKS`` masks: one gradient pass per mask, the covariance factor."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    err = rel_diff(mask_gradients_dropflat(ns.family), ns.reference)  # replayable: the same gradients again
+    assert err < CHECK_RTOL, f"dropout_noise is not reproducible: {err:.2e}"
+    run(benchmark, lambda: mask_gradients_dropflat(ns.family))
+    noise_record(benchmark, ns, "dropflat", NOISE_MASKS, err)
+
+
+@NOISE_FAMILIES
+def test_noise_func_grad(benchmark, name):
+    """``torch.func.grad`` under the same replayable masks, one mask after another."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    masks = range(NOISE_MASKS)
+    err = rel_diff(func_mask_gradients(ns, masks), ns.reference)
+    assert err < CHECK_RTOL, f"torch.func per-mask gradients differ from dropflat's by {err:.2e}"
+    run(benchmark, lambda: func_mask_gradients(ns, masks))
+    noise_record(benchmark, ns, "func_grad", NOISE_MASKS, err)
+
+
+@NOISE_FAMILIES
+def test_noise_func_persample(benchmark, name):
+    """The per-sample loop: ``vmap(grad)`` per-sample gradients under each mask, averaged over samples."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    masks = range(NOISE_MASKS)
+    try:
+        out = func_persample_mask_gradients(ns, masks)
+    except RuntimeError as exc:  # vmap refuses data-dependent control flow; the loop is what remains
+        if "vmap" not in str(exc):
+            raise
+        _VMAP_OK[name] = False
+        out = func_persample_mask_gradients(ns, masks)
+    err = rel_diff(out, ns.reference)
+    assert err < CHECK_RTOL, f"torch.func per-sample gradients differ from dropflat's by {err:.2e}"
+    run(benchmark, lambda: func_persample_mask_gradients(ns, masks))
+    noise_record(benchmark, ns, "func_persample", NOISE_MASKS, err,
+                 over_samples="vmap" if _VMAP_OK.get(name, True) else "loop (vmap cannot: data-dependent branch)")
+
+
+_GRAMS: Dict[str, Dict[str, dict]] = {}
+
+
+@NOISE_FAMILIES
+@pytest.mark.parametrize("path", ["auto", "materialize"])
+def test_noise_gram(benchmark, name, path):
+    """The per-sample Gram over ``GRAM_MASKS`` masks: the per-layer paths chosen by cost vs all materialised.
+
+    Checked (untimed) before timing: the two Grams agree, and each mask's block sums to the
+    squared norm of that mask's mean gradient from ``dropout_noise``
+    (``1ᵀ K_s 1 / n² = ‖ḡ_s‖²``), an independent pass.
+    """
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    G, K = per_sample_gram(ns, path)
+    n = G.num_samples
+    sums = torch.stack([K[s * n:(s + 1) * n, s * n:(s + 1) * n].double().sum() / n ** 2 for s in range(GRAM_MASKS)])
+    norms = ns.reference[:, :GRAM_MASKS].double().pow(2).sum(0)
+    err = float(((sums - norms).abs() / norms).max())
+    assert err < CHECK_RTOL, f"the per-sample Gram ({path}) disagrees with the per-mask gradients by {err:.2e}"
+    box = _GRAMS.setdefault(name, {})
+    other = box.get("materialize" if path == "auto" else "auto")
+    gram_err = None
+    if other is not None:
+        gram_err = float((K - other["K"]).norm() / other["K"].norm())
+        assert gram_err < CHECK_RTOL, f"the chosen and the materialised Grams differ by {gram_err:.2e}"
+    run(benchmark, lambda: per_sample_gram(ns, path))
+    paths = G.paths
+    counts = {p: sum(v == p for v in paths.values()) for p in ("ghost", "materialize")}
+    box[path] = {"K": K}
+    if getattr(benchmark, "stats", None) is None:
+        return
+    seconds = benchmark.stats.stats.median
+    box[path]["s"] = seconds
+    extra = dict(columns=G.num_columns, samples=n, layer_paths=counts, ghost_layers=sorted(k for k, v in paths.items()
+                 if v == "ghost"), fallback_modules=G.fallback_modules, gram_rel_diff_vs_other=gram_err,
+                 sum_check_rel_err=err, seconds=seconds)
+    if other is not None and "s" in other:
+        auto_s, mat_s = (seconds, other["s"]) if path == "auto" else (other["s"], seconds)
+        extra["chosen_over_materialize"] = auto_s / mat_s
+        extra["chosen_loses"] = auto_s > mat_s * 1.05  # beyond timing noise on a shared machine
+    noise_record(benchmark, ns, f"gram_{path}", GRAM_MASKS, None, **extra)
+
+
 # ---------------------------------------------------------------------- the table for RESULTS.md
 
 BASELINES = ("double_backward_1", "double_backward_8", "func_8")
