@@ -292,7 +292,7 @@ def test_vmap_fallback_loops_where_the_forward_branches_on_values(fresh_seed):
             ml = dropflat.model_loss.ModelLoss(model, [((X[j:j + 1], keys[j:j + 1]), Y[j:j + 1]) for j in range(6)],
                                                dropout="fixed", mask_seed=5, mask_index=m)
 
-            def step(state, leaves, batch, ml=ml, m=m):
+            def step(state, leaves, batch, ml=ml, m=m, cols=cols):
                 grads = torch.autograd.grad(ml.batch_loss(state, batch, m), leaves, allow_unused=True)
                 cols.append(dropflat.model_loss.flat_grads(grads, leaves))
 

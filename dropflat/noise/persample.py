@@ -766,8 +766,8 @@ class PerSampleGradients:
                     raise
                 self._fallback_loop = True
         one_grad = grad(one)
-        rows = [one_grad(fb, map_tensors(lambda t: t[i], batch.inputs), map_tensors(lambda t: t[i], batch.targets),
-                         index[i]) for i in range(B)]
+        rows = [one_grad(fb, *(map_tensors(lambda t, i=i: t[i], z) for z in (batch.inputs, batch.targets)), index[i])
+                for i in range(B)]
         return torch.stack([torch.cat([r[k].reshape(-1) for k in names]) for r in rows])
 
     # --- combine ---
