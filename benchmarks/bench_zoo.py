@@ -25,6 +25,28 @@ same run. The table in ``benchmarks/RESULTS.md`` comes from::
 
 The double-backward and torch.func baselines run under ``sdpa_kernel(SDPBackend.MATH)``: PyTorch's
 fused CPU attention kernel has no double backward (dropflat routes attention to the math kernel too).
+
+**Dropout noise** (issue 14, point 3), group ``zoo-noise-<family>`` for GPT-2, BERT and ViT with
+dropout 0.1 (GPT-2: embedding, attention and residual dropout; BERT and ViT: hidden and attention
+dropout), per mask in plain gradient passes with dropout on (``extra_info["per_mask_grad_passes"]``):
+
+* ``gradient_dropout``: ``model.train()``, forward, ``autograd.grad``, PyTorch's own masks: the unit;
+* ``dropflat``: :func:`dropflat.dropout_noise` over ``NOISE_MASKS`` replayable masks (the factor of
+  the covariance; one gradient per mask);
+* ``func_grad``: ``torch.func.grad`` of the batch loss under each of the same masks, a loop;
+* ``func_persample``: the per-sample loop, ``vmap(grad)`` per-sample gradients under each mask
+  (each sample draws its row of the batch's mask), averaged (a loop of ``grad`` over samples where
+  vmap cannot trace the model: BERT's padding mask is tested by value in ``transformers``);
+* ``gram_auto`` / ``gram_materialize``: :class:`~dropflat.noise.PerSampleGradients` over
+  ``GRAM_MASKS`` masks and its Gram, with the per-layer paths chosen by cost (``path="auto"``) and
+  with every layer materialised (``path="materialize"``); ``extra_info`` has the layer counts per path,
+  the modules left to the ``vmap`` fallback, and ``chosen_over_materialize`` (``chosen_loses`` where the
+  chosen plan is over 5% slower; where it has no ghost layer the two plans are the same computation).
+
+The torch.func gradients are checked against dropflat's per-mask gradients (untimed) before they
+are timed, and each Gram's per-mask block against them (``1ᵀ K_s 1 / n² = ‖ḡ_s‖²``) and the two Grams
+against each other. The noise table is printed with the one above; ``python benchmarks/bench_zoo.py
+--interleaved-noise gpt2 bert vit`` gives the same rows from interleaved timing.
 """
 from __future__ import annotations
 
@@ -303,6 +325,245 @@ def test_lanczos_curvlinops(benchmark, name):
                     note=f"scipy eigsh which=LA tol={LANCZOS_TOL}")
 
 
+# ---------------------------------------------------------------------- dropout noise (issue 14, point 3)
+
+NOISE_MASKS = 16   # masks of the per-mask timings (dropout_noise and the torch.func loops)
+GRAM_MASKS = 2     # masks of the per-sample Gram (N = samples x masks columns; the fewest a decomposition takes)
+GRAM_ROUNDS = 5    # the chosen-vs-materialised verdict is a 5% threshold: more rounds than the other methods
+NOISE_SEED = 0
+NOISE_FAMILIES = pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
+
+
+@dataclass
+class NoiseSetup:
+    family: zoo.Family
+    train_model: torch.nn.Module   # a copy in training mode: the plain gradient pass with PyTorch's dropout
+    params: List[torch.Tensor]     # the copy's parameters (dropflat's order)
+    num_params: int
+    reference: torch.Tensor        # [P, NOISE_MASKS]: dropflat's per-mask gradients (un-centred), the check
+
+
+_NOISE: Dict[str, NoiseSetup] = {}
+
+
+def mask_gradients_dropflat(fam: zoo.Family, num_masks: int = NOISE_MASKS) -> torch.Tensor:
+    """``[P, M]`` per-mask mean gradients from :func:`dropflat.dropout_noise` (the factor un-centred)."""
+    C = dropflat.dropout_noise(fam.model, fam.loader, fam.loss_fn, num_masks=num_masks, seed=NOISE_SEED)
+    return C.factor * (num_masks - 1) ** 0.5 + C.mean[:, None]
+
+
+def get_noise_setup(name: str) -> NoiseSetup:
+    if name not in _NOISE:
+        pytest.importorskip("transformers")
+        import copy
+
+        fam = zoo.build(name, dropout=0.1)
+        train = copy.deepcopy(fam.model).train()
+        params = [p for p in train.parameters() if p.requires_grad]
+        ref = mask_gradients_dropflat(fam)
+        _NOISE[name] = NoiseSetup(fam, train, params, sum(p.numel() for p in params), ref)
+    return _NOISE[name]
+
+
+def gradient_dropout(ns: NoiseSetup):
+    """One plain gradient pass with dropout on: ``model.train()``, PyTorch's own masks, ``autograd.grad``."""
+    return torch.autograd.grad(ns.family.loss(ns.train_model), ns.params)
+
+
+def grad_dropout_unit(ns: NoiseSetup) -> float:
+    """Median of three plain gradient passes with dropout on, timed now (see :func:`grad_unit`)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        gradient_dropout(ns)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _replayed(ns: NoiseSetup, mask: int, batch_size: int, sample=None):
+    """dropflat's replayable mask ``mask`` of the whole batch (``sample``: one row of it, inside ``vmap``)."""
+    from dropflat.dropout.takeover import MaskSource, replay_dropout
+    from dropflat.noise.persample import _SampleMasks
+
+    if sample is None:
+        return replay_dropout(MaskSource(NOISE_SEED, mask, "per_sample", 0, batch_size))
+    return replay_dropout(_SampleMasks(NOISE_SEED, mask, "per_sample", 0, batch_size, index=sample))
+
+
+def func_mask_gradients(ns: NoiseSetup, masks) -> torch.Tensor:
+    """``[P, M]``: ``torch.func.grad`` of the batch loss under each of dropflat's replayable masks, a loop."""
+    fam = ns.family
+    named = {n: p.detach() for n, p in ns.train_model.named_parameters() if p.requires_grad}
+    buffers = dict(ns.train_model.named_buffers())
+    B = len(fam.targets)
+
+    def loss(p, mask):
+        with _replayed(ns, mask, B):
+            out = functional_call(ns.train_model, (p, buffers), (), fam.inputs)
+        return fam.loss_fn(out.logits, fam.targets)
+
+    g = grad(loss)
+    return torch.stack([dropflat.flatten(g(named, s).values()) for s in masks], 1)
+
+
+def func_persample_mask_gradients(ns: NoiseSetup, masks) -> torch.Tensor:
+    """``[P, M]``: the textbook per-sample loop, ``vmap(grad)`` per-sample gradients under each mask, averaged.
+
+    Each sample's forward draws its row of the same whole-batch mask (``_SampleMasks``), so the
+    mean over samples is the per-mask gradient above (every family's loss is a mean of equal
+    per-sample terms: GPT-2's sequences have one length).
+    """
+    fam = ns.family
+    named = {n: p.detach() for n, p in ns.train_model.named_parameters() if p.requires_grad}
+    buffers = dict(ns.train_model.named_buffers())
+    B = len(fam.targets)
+
+    def one(p, x, y, index, mask):
+        with _replayed(ns, mask, B, sample=index):
+            out = functional_call(ns.train_model, (p, buffers), (), {k: v[None] for k, v in x.items()})
+        return fam.loss_fn(out.logits, y[None])
+
+    index = torch.arange(B)
+    if _VMAP_OK.get(fam.name, True):
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0, None))
+    else:  # a model whose forward branches on its inputs' values (HF's padding-mask shortcut): a loop of grads
+        g = grad(one)
+
+        def per_sample(p, x, y, index, mask):
+            rows = [g(p, {k: v[i] for k, v in x.items()}, y[i], index[i], mask) for i in range(B)]
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    cols = []
+    for s in masks:
+        block = per_sample(named, fam.inputs, fam.targets, index, s)   # materialised: [B, *p.shape] each
+        cols.append(torch.cat([v.reshape(B, -1) for v in block.values()], 1).mean(0))
+    return torch.stack(cols, 1)
+
+
+_VMAP_OK: Dict[str, bool] = {}  # family -> whether vmap over its samples runs (decided by the untimed check)
+
+
+def per_sample_gram(ns: NoiseSetup, path: str):
+    """The per-sample gradients under ``GRAM_MASKS`` masks and their Gram ``GᵀG`` by ``path`` (pass included)."""
+    import warnings
+
+    from dropflat.noise import PerSampleGradients
+
+    fam = ns.family
+    with warnings.catch_warnings():  # the vmap fallback's warning (norms, Conv1D, tied weights): expected here
+        warnings.simplefilter("ignore", UserWarning)
+        G = PerSampleGradients(fam.model, fam.loader, fam.loss_fn, dropout="fixed", mask_seed=NOISE_SEED,
+                               mask_index=list(range(GRAM_MASKS)), path=path)
+        return G, G.gram()
+
+
+def noise_record(benchmark, ns: NoiseSetup, method: str, masks: int, err=None, **extra):
+    if getattr(benchmark, "stats", None) is None:  # --benchmark-disable
+        return
+    per_mask = benchmark.stats.stats.median / masks
+    unit = grad_dropout_unit(ns)
+    benchmark.extra_info.update(family=ns.family.name, description=ns.family.description, method=method,
+                                num_params=ns.num_params, masks=masks, per_mask_s=per_mask, grad_pass_s=unit,
+                                per_mask_grad_passes=per_mask / unit, max_rel_diff_vs_dropflat=err, **extra)
+
+
+@NOISE_FAMILIES
+def test_noise_gradient_dropout(benchmark, name):
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    gradient_dropout(ns)
+    run(benchmark, lambda: gradient_dropout(ns))
+    noise_record(benchmark, ns, "gradient_dropout", 1)
+
+
+@NOISE_FAMILIES
+def test_noise_dropflat(benchmark, name):
+    """``dropout_noise`` over ``NOISE_MASKS`` masks: one gradient pass per mask, the covariance factor."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    err = rel_diff(mask_gradients_dropflat(ns.family), ns.reference)  # replayable: the same gradients again
+    assert err < CHECK_RTOL, f"dropout_noise is not reproducible: {err:.2e}"
+    run(benchmark, lambda: mask_gradients_dropflat(ns.family))
+    noise_record(benchmark, ns, "dropflat", NOISE_MASKS, err)
+
+
+@NOISE_FAMILIES
+def test_noise_func_grad(benchmark, name):
+    """``torch.func.grad`` under the same replayable masks, one mask after another."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    masks = range(NOISE_MASKS)
+    err = rel_diff(func_mask_gradients(ns, masks), ns.reference)
+    assert err < CHECK_RTOL, f"torch.func per-mask gradients differ from dropflat's by {err:.2e}"
+    run(benchmark, lambda: func_mask_gradients(ns, masks))
+    noise_record(benchmark, ns, "func_grad", NOISE_MASKS, err)
+
+
+@NOISE_FAMILIES
+def test_noise_func_persample(benchmark, name):
+    """The per-sample loop: ``vmap(grad)`` per-sample gradients under each mask, averaged over samples."""
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    masks = range(NOISE_MASKS)
+    try:
+        out = func_persample_mask_gradients(ns, masks)
+    except RuntimeError as exc:  # vmap refuses data-dependent control flow; the loop is what remains
+        if "vmap" not in str(exc):
+            raise
+        _VMAP_OK[name] = False
+        out = func_persample_mask_gradients(ns, masks)
+    err = rel_diff(out, ns.reference)
+    assert err < CHECK_RTOL, f"torch.func per-sample gradients differ from dropflat's by {err:.2e}"
+    run(benchmark, lambda: func_persample_mask_gradients(ns, masks))
+    noise_record(benchmark, ns, "func_persample", NOISE_MASKS, err,
+                 over_samples="vmap" if _VMAP_OK.get(name, True) else "loop (vmap cannot: data-dependent branch)")
+
+
+_GRAMS: Dict[str, Dict[str, dict]] = {}
+
+
+@NOISE_FAMILIES
+@pytest.mark.parametrize("path", ["auto", "materialize"])
+def test_noise_gram(benchmark, name, path):
+    """The per-sample Gram over ``GRAM_MASKS`` masks: the per-layer paths chosen by cost vs all materialised.
+
+    Checked (untimed) before timing: the two Grams agree, and each mask's block sums to the
+    squared norm of that mask's mean gradient from ``dropout_noise``
+    (``1ᵀ K_s 1 / n² = ‖ḡ_s‖²``), an independent pass.
+    """
+    ns = get_noise_setup(name)
+    benchmark.group = f"zoo-noise-{name}"
+    G, K = per_sample_gram(ns, path)
+    n = G.num_samples
+    sums = torch.stack([K[s * n:(s + 1) * n, s * n:(s + 1) * n].double().sum() / n ** 2 for s in range(GRAM_MASKS)])
+    norms = ns.reference[:, :GRAM_MASKS].double().pow(2).sum(0)
+    err = float(((sums - norms).abs() / norms).max())
+    assert err < CHECK_RTOL, f"the per-sample Gram ({path}) disagrees with the per-mask gradients by {err:.2e}"
+    box = _GRAMS.setdefault(name, {})
+    other = box.get("materialize" if path == "auto" else "auto")
+    gram_err = None
+    if other is not None:
+        gram_err = float((K - other["K"]).norm() / other["K"].norm())
+        assert gram_err < CHECK_RTOL, f"the chosen and the materialised Grams differ by {gram_err:.2e}"
+    benchmark.pedantic(lambda: per_sample_gram(ns, path), rounds=GRAM_ROUNDS, iterations=1, warmup_rounds=0)
+    paths = G.paths
+    counts = {p: sum(v == p for v in paths.values()) for p in ("ghost", "materialize")}
+    box[path] = {"K": K}
+    if getattr(benchmark, "stats", None) is None:
+        return
+    seconds = benchmark.stats.stats.median
+    box[path]["s"] = seconds
+    extra = dict(columns=G.num_columns, samples=n, layer_paths=counts, ghost_layers=sorted(k for k, v in paths.items()
+                 if v == "ghost"), fallback_modules=G.fallback_modules, gram_rel_diff_vs_other=gram_err,
+                 sum_check_rel_err=err, seconds=seconds)
+    extra["same_plan_as_materialize"] = not extra["ghost_layers"]  # then both time one computation
+    if other is not None and "s" in other:
+        auto_s, mat_s = (seconds, other["s"]) if path == "auto" else (other["s"], seconds)
+        extra["chosen_over_materialize"] = auto_s / mat_s
+        # beyond timing noise on a shared machine, and only where the plans differ (else it is noise by definition)
+        extra["chosen_loses"] = bool(auto_s > mat_s * 1.05 and extra["ghost_layers"])
+    noise_record(benchmark, ns, f"gram_{path}", GRAM_MASKS, None, **extra)
+
+
 # ---------------------------------------------------------------------- the table for RESULTS.md
 
 BASELINES = ("double_backward_1", "double_backward_8", "func_8")
@@ -315,7 +576,7 @@ def table(path: str) -> str:
     by = {}
     for b in benches:
         info = b.get("extra_info", {})
-        if "family" in info:
+        if "family" in info and "masks" not in info:  # the noise rows have their own table below
             by.setdefault(info["family"], {})[info["method"]] = info
     lines = ["| family | P | engine | auto `matvec` | auto `matmat` k=8 | double backward, 1 vector | "
              "double backward, k=8 one graph | `torch.func` k=8 | matmat / best baseline | self-check + "
@@ -348,7 +609,82 @@ def table(path: str) -> str:
                 gap = d.get("max_rel_diff_vs_other", c.get("max_rel_diff_vs_other", float("nan")))
                 lines.append(f"| {d['description']} | {d['seconds']:.1f} ({d['products']}) | {c['seconds']:.1f} "
                              f"({c['products']}) | {c['seconds'] / d['seconds']:.2f}x | {gap:.1e} |")
+    noise = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("masks") is not None and "family" in info:
+            noise.setdefault(info["family"], {})[info["method"]] = info
+    if noise:
+        lines += ["", noise_header()]
+        for fam in zoo.FAMILIES:
+            m = noise.get(fam)
+            if m:
+                g = lambda method, m=m: m[method]["per_mask_grad_passes"] if method in m else float("nan")  # noqa: E731
+                chosen, mat = m.get("gram_auto", {}), m.get("gram_materialize", {})
+                any_info = next(iter(m.values()))
+                unit = m.get("gradient_dropout", any_info).get("grad_pass_s")
+                lines.append(noise_row(any_info["description"], any_info["num_params"], unit,
+                                       g("dropflat"), g("func_grad"), g("func_persample"),
+                                       chosen.get("layer_paths"), chosen.get("seconds"), mat.get("seconds")))
     return "\n".join(lines)
+
+
+def noise_header() -> str:
+    return (f"| family (dropout 0.1) | P | gradient pass, dropout on (s) | dropflat per mask, {NOISE_MASKS} masks | "
+            "`torch.func` grad loop per mask | `torch.func` per-sample loop per mask | dropflat / best torch.func | "
+            f"Gram over {GRAM_MASKS} masks: layers ghost/materialised by cost | chosen (s) | all materialised (s) | "
+            "chosen / materialised |\n" + "|" + "---|" * 11)
+
+
+def noise_row(description, P, unit_s, dropflat_gp, grad_gp, persample_gp, paths, chosen_s, mat_s) -> str:
+    """One noise-table row; per-mask costs in plain gradient passes (dropout on) of the same run."""
+    nan = float("nan")
+    ratio = chosen_s / mat_s if chosen_s and mat_s else nan
+    # With no ghost layer the chosen plan is the materialised one: the ratio is timing noise, not a loss.
+    flag = " (same plan)" if paths and not paths.get("ghost") else " **loses**" if ratio > 1.05 else ""
+    paths = f"{paths.get('ghost', 0)}/{paths.get('materialize', 0)}" if paths else "-"
+    return (f"| {description} | {P:,} | {unit_s if unit_s is not None else nan:.3g} | {dropflat_gp:.2f} | "
+            f"{grad_gp:.2f} | {persample_gp:.2f} | {dropflat_gp / min(grad_gp, persample_gp):.2f} | {paths} | "
+            f"{chosen_s if chosen_s else nan:.3g} | {mat_s if mat_s else nan:.3g} | {ratio:.2f}{flag} |")
+
+
+def interleaved_noise(name: str, rounds: int = 3) -> str:
+    """One noise-table row from interleaved timing (see :func:`interleaved`): medians over rounds."""
+    ns = get_noise_setup(name)
+    masks = range(NOISE_MASKS)
+    grams = {}
+    methods = {"gradient_dropout": lambda: gradient_dropout(ns),
+               "dropflat": lambda: mask_gradients_dropflat(ns.family),
+               "func_grad": lambda: func_mask_gradients(ns, masks),
+               "func_persample": lambda: func_persample_mask_gradients(ns, masks),
+               "gram_auto": lambda: grams.__setitem__("auto", per_sample_gram(ns, "auto")),
+               "gram_materialize": lambda: grams.__setitem__("materialize", per_sample_gram(ns, "materialize"))}
+    try:
+        methods["func_persample"]()
+    except RuntimeError as exc:
+        if "vmap" not in str(exc):
+            raise
+        _VMAP_OK[name] = False
+    for fn in methods.values():
+        fn()
+    for method, fn in (("func_grad", func_mask_gradients), ("func_persample", func_persample_mask_gradients)):
+        err = rel_diff(fn(ns, masks), ns.reference)
+        assert err < CHECK_RTOL, f"{method} differs from dropflat's per-mask gradients by {err:.2e}"
+    K_auto, K_mat = grams["auto"][1], grams["materialize"][1]
+    assert float((K_auto - K_mat).norm() / K_mat.norm()) < CHECK_RTOL, "the chosen and materialised Grams differ"
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    unit = med["gradient_dropout"]
+    gp = {m: med[m] / NOISE_MASKS / unit for m in ("dropflat", "func_grad", "func_persample")}
+    G = grams["auto"][0]
+    paths = {p: sum(v == p for v in G.paths.values()) for p in ("ghost", "materialize")}
+    return noise_row(ns.family.description, ns.num_params, unit, gp["dropflat"], gp["func_grad"],
+                     gp["func_persample"], paths, med["gram_auto"], med["gram_materialize"])
 
 
 def interleaved(name: str, rounds: int = 3) -> str:
@@ -378,5 +714,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "--interleaved":  # python benchmarks/bench_zoo.py --interleaved gpt2 bert ...
         for family in sys.argv[2:] or zoo.FAMILIES:
             print(interleaved(family), flush=True)
+    elif sys.argv[1] == "--interleaved-noise":  # python benchmarks/bench_zoo.py --interleaved-noise gpt2 bert vit
+        print(noise_header())
+        for family in sys.argv[2:] or ["gpt2", "bert", "vit"]:
+            print(interleaved_noise(family), flush=True)
     else:
         print(table(sys.argv[1]))

@@ -253,6 +253,54 @@ def test_fixed_masks_through_the_vmap_fallback(fresh_seed):
     assert float((K - G.T @ G).norm()) <= 1e-10 * float(G.norm()) ** 2
 
 
+class BranchingSeq(Seq):
+    """:class:`Seq` with a padding mask whose *values* pick the code path, as transformers' masks do.
+
+    ``if keys.all()`` is data-dependent control flow: ``vmap`` refuses it, so the fallback's
+    per-sample gradients (LayerNorm, attention, the free ``pos``) must come from a loop.
+    """
+
+    def forward(self, x, keys):
+        h = self.emb(x) + self.pos[: x.shape[1]]
+        mask = None if keys.all() else ~keys.bool()  # key_padding_mask: True where padded
+        h = self.norm(h + self.att(h, h, h, key_padding_mask=mask, need_weights=False)[0])
+        return self.head(self.drop(torch.relu(self.ff(h))).mean(1))
+
+
+def test_vmap_fallback_loops_where_the_forward_branches_on_values(fresh_seed):
+    seed = fresh_seed % 10_000
+    print("seed", seed)
+    torch.manual_seed(seed)
+    model = BranchingSeq(dropout=0.3).double()
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, 9, (6, 5), generator=g)
+    keys = torch.ones(6, 5, dtype=torch.long)
+    keys[1::2, 3:] = 0  # every other sequence padded: the batch takes the masked branch, a lone full one does not
+    Y = torch.arange(6) % 3
+    loader = [((X[:4], keys[:4]), Y[:4]), ((X[4:], keys[4:]), Y[4:])]
+    with pytest.raises(RuntimeError, match="vmap"):  # the premise: vmap cannot run this forward
+        torch.func.vmap(lambda x, k: model(x[None], k[None]))(X, keys)
+    for path in ("ghost", "materialize"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            psg = PerSampleGradients(model, loader, dropout="fixed", mask_seed=5, mask_index=[0, 3], path=path)
+            K = psg.gram()
+        assert psg._fallback_loop
+        # Reference: one-sample batches through ModelLoss (a batch of one at offset i draws sample i's masks).
+        cols = []
+        for m in (0, 3):
+            ml = dropflat.model_loss.ModelLoss(model, [((X[j:j + 1], keys[j:j + 1]), Y[j:j + 1]) for j in range(6)],
+                                               dropout="fixed", mask_seed=5, mask_index=m)
+
+            def step(state, leaves, batch, ml=ml, m=m, cols=cols):
+                grads = torch.autograd.grad(ml.batch_loss(state, batch, m), leaves, allow_unused=True)
+                cols.append(dropflat.model_loss.flat_grads(grads, leaves))
+
+            ml.evaluate(step, "reference")
+        G = torch.stack(cols, dim=1)  # mask-major, as psg's columns
+        assert float((K - G.T @ G).norm()) <= 1e-10 * float(G.norm()) ** 2, path
+
+
 # --- sgd_noise and the law-of-total-covariance split ---------------------------------------------
 
 

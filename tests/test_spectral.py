@@ -161,13 +161,20 @@ def test_block_lanczos_on_models_matches_eigh(family, fresh_seed):
 def test_lanczos_method_choice_and_errors():
     model, loader = make_case("mlp-tanh", 0)
     op = dropflat.HessianOperator(model, loader, engine="autograd")
-    # "auto" times a vector and a block of the operator at hand, and records what it measured and chose.
+    # "auto" times a vector and a block of an operator whose products are batched (a GPU Hessian; the timing
+    # itself is tested in test_block_lanczos), and records what it measured and chose ...
+    op.__class__ = type("Batched", (dropflat.HessianOperator,), {"batched_products": True})
     spec = dropflat.lanczos(op, k=4, tol=1e-6)
     choice = spec.manifest["block_choice"]
     assert choice["method"] == "auto" and choice["measured"] and choice["probe_products"] == 2 + 4
     assert set(choice["seconds_per_call"]) == {"1", "4"} and set(choice["predicted_seconds"]) == {"1", "2", "4"}
     assert spec.manifest["block_size"] == choice["block_size"] in (1, 2, 4)
     w = np.linalg.eigvalsh(dense_hessian(model, loader).numpy())[::-1][:4]
+    # ... and takes b = 1 without a probe where it is not (a CPU Hessian: a block costs b vectors).
+    op = dropflat.HessianOperator(model, loader, engine="autograd")
+    unbatched = dropflat.lanczos(op, k=4, tol=1e-6)
+    assert unbatched.manifest["block_choice"]["measured"] is False and unbatched.manifest["block_size"] == 1
+    assert np.allclose(unbatched.eigenvalues.numpy(), w, rtol=1e-5)
     assert bool(spec.converged.all()) and np.allclose(spec.eigenvalues.numpy(), w, rtol=1e-5)
     # A block size given is taken as given; matrices (no batched products to measure) get b = 1.
     assert dropflat.lanczos(op, k=3, block_size=2).manifest["block_choice"] == {"method": "auto", "block_size": 2}

@@ -121,14 +121,19 @@ def choose_block_size(op, k: int, *, ncv: Optional[int] = None, seed: int = 0, a
     A memory-bound operator (a CPU Hessian of a model large enough that its products are
     not dominated by per-call overhead) has ``c(b) ≈ b·c(1)`` and keeps ``b = 1``; batched
     GPU products (``c(B)`` a fraction of ``B·c(1)``) take a block. Operators without
-    ``batched_products`` (matrices, user operators) are not timed: ``b = 1``. ``agree``: sum the
-    timings over the ranks of the ``torch.distributed`` group, so every rank chooses alike.
+    ``batched_products`` (matrices, user operators) are not timed: ``b = 1``; nor are those that
+    declare ``batched_products = False`` (a Hessian on a CPU: measured, a block of ``b`` costs ``b``
+    vectors or more, benchmarks/RESULTS.md), whose probe would cost ``2 + B`` products for nothing
+    (a quarter of a small run's time). ``agree``: sum the timings over the ranks of the
+    ``torch.distributed`` group, so every rank chooses alike.
     """
     P = op.shape[0]
     top = max([c for c in candidates if c <= default_block_size(k) and c < P] or [1])
     record = {"method": "auto", "measured": False}
     if top == 1 or not hasattr(op, "batched_products"):
         return 1, {**record, "block_size": 1}
+    if not op.batched_products:
+        return 1, {**record, "block_size": 1, "reason": "the operator's products are not batched on its device"}
     X = random_vectors((P, top), seed + 104729, op.dtype, op.device)
 
     def timed(fn) -> float:

@@ -21,7 +21,9 @@ memory ``N·T·(d_in+d_out)``) or as the explicit ``G_i`` ("materialize":
 layer by :func:`choose_path` (flops, within ``max_memory``) unless ``path`` is
 forced. Parameters of every other module (norm layers, attention projections
 called functionally, free ``nn.Parameter``) get ``torch.func.vmap(grad)``
-per-sample gradients, with one warning per object naming the module types.
+per-sample gradients (a loop of ``grad`` over samples where vmap cannot trace
+the forward, e.g. a branch on an attention mask's values), with one warning
+per object naming the module types.
 
 Assumptions, checked where possible:
 
@@ -398,6 +400,7 @@ class PerSampleGradients:
         self._calls: Dict[nn.Module, list] = {}
         self._root_out = None
         self.fallback_modules: List[str] = []  # type names of the modules whose parameters use vmap
+        self._fallback_loop = False  # the fallback loops over samples: vmap refused the model (data-dependent branch)
 
     # --- public ---
 
@@ -752,8 +755,20 @@ class PerSampleGradients:
             return ml.loss_fn(out, y1).reshape(())
 
         index = torch.arange(B, device=self.device)
-        g = vmap(grad(one), in_dims=(None, 0, 0, 0))(fb, batch.inputs, batch.targets, index)
-        return torch.cat([g[k].reshape(B, -1) for k in names], dim=1)
+        if not self._fallback_loop:
+            try:
+                g = vmap(grad(one), in_dims=(None, 0, 0, 0))(fb, batch.inputs, batch.targets, index)
+                return torch.cat([g[k].reshape(B, -1) for k in names], dim=1)
+            except RuntimeError as exc:
+                # vmap cannot trace a forward that branches on its inputs' values (transformers' attention
+                # masks test ``padding_mask.all()``); the same gradients, one sample at a time, still can.
+                if not str(exc).startswith("vmap"):
+                    raise
+                self._fallback_loop = True
+        one_grad = grad(one)
+        rows = [one_grad(fb, *(map_tensors(lambda t, i=i: t[i], z) for z in (batch.inputs, batch.targets)), index[i])
+                for i in range(B)]
+        return torch.stack([torch.cat([r[k].reshape(-1) for k in names]) for r in rows])
 
     # --- combine ---
 

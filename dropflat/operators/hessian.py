@@ -52,8 +52,9 @@ from .selfcheck import Check, direction, reference
 
 __all__ = ["HessianOperator", "ENGINES", "RopVerificationError"]
 
-CPU_CHUNK_VECTORS = 4        # most directions carried together on a CPU
-CPU_CHUNK_BYTES = 128 << 20  # most working set of a chunk on a CPU
+CPU_CHUNK_VECTORS = 4        # most directions the R-operator carries together on a CPU
+CPU_CHUNK_BYTES = 128 << 20  # most working set of an R-operator chunk on a CPU
+CPU_TIMING_VECTORS = 8       # engine="auto" on a CPU times its candidates on at most this many directions
 
 # engine="auto" measures once per model and configuration in a process, then keeps that engine (still
 # verified on each operator's first batch): timings are noisy, and two operators on the same model, loader
@@ -229,10 +230,11 @@ class HessianOperator(LinearOperator):
         if one_at_a_time:
             self.peak_bytes = max(self.peak_bytes, per_vector + primal.nbytes)
             return k
-        if self.device.type == "cpu":
-            # On a CPU the k-fold tangents stream from memory: measured on ResNet-20 / an MLP / a
-            # Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
-            # vector than they save, so the directions go through a few at a time.
+        if self.device.type == "cpu" and primal.engine == "rop":
+            # On a CPU the R-operator's k-fold tangents stream from memory: measured on ResNet-20 / an MLP /
+            # a Transformer (benchmarks/RESULTS.md), chunks beyond ~128 MiB of working set cost more per
+            # vector than they save, so the directions go through a few at a time. torch.func's vmap is
+            # not capped: on ConvNeXt and MobileNetV2 its 8 directions in one call beat 4 + 4 (bench_zoo).
             chunk = max(1, min(chunk, CPU_CHUNK_VECTORS, CPU_CHUNK_BYTES // per_vector))
         self.peak_bytes = max(self.peak_bytes, chunk * per_vector + primal.nbytes)
         return chunk
@@ -273,7 +275,7 @@ class HessianOperator(LinearOperator):
                 ref = reference(lambda s, b: self.loss.batch_loss(s, b, mask), state, leaves, batch,
                                 direction(leaves))
         v = direction(leaves)
-        k_time = min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k
+        k_time = self._timing_vectors(k)
         g = torch.Generator().manual_seed(0)
         timing_block = [torch.randn((k_time,) + tuple(p.shape), generator=g, dtype=torch.float64).to(p)
                         for p in leaves]
@@ -307,12 +309,20 @@ class HessianOperator(LinearOperator):
         choice.seconds = time.perf_counter() - began
         self.choice = choice
 
+    def _timing_vectors(self, k: int) -> int:
+        """Directions the candidates are timed on: all ``k`` (on a CPU at most ``CPU_TIMING_VECTORS``).
+
+        Timing fewer than the operator will serve together misjudges the batched engines: on a CPU,
+        4 directions made autograd look fastest where torch.func's vmap over 8 wins (bench_zoo).
+        """
+        return min(k, CPU_TIMING_VECTORS) if self.device.type == "cpu" else k
+
     def _memo_key(self, batch, k: int, retained: bool) -> tuple:
         """What the measured choice of engine depends on (see ``_CHOSEN``)."""
         shapes = tuple(tuple(t.shape) for t in tree_leaves((batch.inputs, batch.targets)) if torch.is_tensor(t))
         # id, not the loss itself: a loss closing over the model would keep the weakly-held model alive
         return (self.dtype, str(self.device), self.loss.dropout, self.loss.batchnorm, self.autocast,
-                id(self.loss.loss_fn), min(k, CPU_CHUNK_VECTORS) if self.device.type == "cpu" else k, retained,
+                id(self.loss.loss_fn), self._timing_vectors(k), retained,
                 shapes, self.verify)
 
     @contextlib.contextmanager
