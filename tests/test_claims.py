@@ -120,12 +120,12 @@ def test_one_seed_verdict_compares_flatness_only_at_matched_loss():
     matched = {**_report(0, 0.5), "target_loss": 1e-3}
     text = verdict(matched)
     assert text.startswith("At matched training loss") and "dropout minimum is flatter" in text
-    assert "reached 1e-03 at step 10" in text and "aligned with the Hessian" in text
+    assert "reached 0.001 at step 10" in text and "aligned with the Hessian" in text
     sharper = {**_report(0, 2.0), "target_loss": 1e-3}
     assert "dropout minimum is NOT flatter" in verdict(sharper)
     capped = {**_report(0, 0.5, reached=(False, True)), "target_loss": 1e-3}
     text = verdict(capped)
     assert text.startswith("Flatness not compared") and "flatter" not in text.split("Hessian")[0]
-    assert "step cap 10 at loss 1.00e-03 > 1e-03: not comparable" in text
+    assert "step cap 10 at loss 1.00e-03 > 0.001: not comparable" in text
     fixed = {**_report(0, 0.5), "target_loss": None}
     assert verdict(fixed).startswith("After the same schedule (dropout fixed schedule, 10 steps")

@@ -80,7 +80,7 @@ def _markdown(summary: Dict, figure: str) -> str:
     lines = [f"# dropflat reproduce: {s['experiment']} ({len(s['seeds'])} seed(s), preset {s['preset']})", "",
              f"data: {s['data']}", "", f"setting: {s['notes'] or 'as configured'}", "",
              f"common dropout-off training loss both runs train to: "
-             f"{'none (fixed schedule)' if s['target_loss'] is None else format(s['target_loss'], '.0e')}; "
+             f"{'none (fixed schedule)' if s['target_loss'] is None else format(s['target_loss'], '.3g')}; "
              f"{s['matched_seeds']} of {len(s['seeds'])} seeds reached it in both runs", "",
              f"time per seed (training and measuring both runs, over resumed calls): {_minutes(s['work_s'])}", "",
              "| seed | dropout | no dropout |", "|---|---|---|"]

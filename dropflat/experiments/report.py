@@ -53,8 +53,8 @@ def stop_text(run: Dict, target: Optional[float]) -> str:
     if target is None:
         return f"fixed schedule, {run['train_steps']} steps (loss {loss_s})"
     if run.get("stop_reason") == "target":
-        return f"reached {target:.0e} at step {run['train_steps']} (loss {loss_s})"
-    return f"step cap {run['train_steps']} at loss {loss_s} > {target:.0e}: not comparable"
+        return f"reached {target:.3g} at step {run['train_steps']} (loss {loss_s})"
+    return f"step cap {run['train_steps']} at loss {loss_s} > {target:.3g}: not comparable"
 
 
 def _stops(report: Dict) -> str:
