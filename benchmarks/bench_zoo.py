@@ -475,47 +475,45 @@ def test_noise_gradient_dropout(benchmark, name):
     noise_record(benchmark, ns, "gradient_dropout", 1)
 
 
+def noise_checked_and_timed(benchmark, ns, method: str, fn, what: str, **extra) -> None:
+    """Check ``fn``'s per-mask gradients against dropflat's (untimed), then time it and record the result."""
+    benchmark.group = f"zoo-noise-{ns.family.name}"
+    err = rel_diff(fn(), ns.reference)
+    assert err < CHECK_RTOL, f"{what} differ from dropflat's per-mask gradients by {err:.2e}"
+    run(benchmark, fn)
+    noise_record(benchmark, ns, method, NOISE_MASKS, err, **extra)
+
+
 @NOISE_FAMILIES
 def test_noise_dropflat(benchmark, name):
     """``dropout_noise`` over ``NOISE_MASKS`` masks: one gradient pass per mask, the covariance factor."""
     ns = get_noise_setup(name)
-    benchmark.group = f"zoo-noise-{name}"
-    err = rel_diff(mask_gradients_dropflat(ns.family), ns.reference)  # replayable: the same gradients again
-    assert err < CHECK_RTOL, f"dropout_noise is not reproducible: {err:.2e}"
-    run(benchmark, lambda: mask_gradients_dropflat(ns.family))
-    noise_record(benchmark, ns, "dropflat", NOISE_MASKS, err)
+    noise_checked_and_timed(benchmark, ns, "dropflat", lambda: mask_gradients_dropflat(ns.family),
+                            "a second dropout_noise (replayable masks: the same gradients again)")
 
 
 @NOISE_FAMILIES
 def test_noise_func_grad(benchmark, name):
     """``torch.func.grad`` under the same replayable masks, one mask after another."""
     ns = get_noise_setup(name)
-    benchmark.group = f"zoo-noise-{name}"
-    masks = range(NOISE_MASKS)
-    err = rel_diff(func_mask_gradients(ns, masks), ns.reference)
-    assert err < CHECK_RTOL, f"torch.func per-mask gradients differ from dropflat's by {err:.2e}"
-    run(benchmark, lambda: func_mask_gradients(ns, masks))
-    noise_record(benchmark, ns, "func_grad", NOISE_MASKS, err)
+    noise_checked_and_timed(benchmark, ns, "func_grad", lambda: func_mask_gradients(ns, range(NOISE_MASKS)),
+                      "torch.func per-mask gradients")
 
 
 @NOISE_FAMILIES
 def test_noise_func_persample(benchmark, name):
     """The per-sample loop: ``vmap(grad)`` per-sample gradients under each mask, averaged over samples."""
     ns = get_noise_setup(name)
-    benchmark.group = f"zoo-noise-{name}"
     masks = range(NOISE_MASKS)
     try:
-        out = func_persample_mask_gradients(ns, masks)
+        func_persample_mask_gradients(ns, masks)
     except RuntimeError as exc:  # vmap refuses data-dependent control flow; the loop is what remains
         if "vmap" not in str(exc):
             raise
         _VMAP_OK[name] = False
-        out = func_persample_mask_gradients(ns, masks)
-    err = rel_diff(out, ns.reference)
-    assert err < CHECK_RTOL, f"torch.func per-sample gradients differ from dropflat's by {err:.2e}"
-    run(benchmark, lambda: func_persample_mask_gradients(ns, masks))
-    noise_record(benchmark, ns, "func_persample", NOISE_MASKS, err,
-                 over_samples="vmap" if _VMAP_OK.get(name, True) else "loop (vmap cannot: data-dependent branch)")
+    noise_checked_and_timed(benchmark, ns, "func_persample", lambda: func_persample_mask_gradients(ns, masks),
+                      "torch.func per-sample gradients",
+                      over_samples="vmap" if _VMAP_OK.get(name, True) else "loop (vmap cannot: data-dependent branch)")
 
 
 _GRAMS: Dict[str, Dict[str, dict]] = {}
