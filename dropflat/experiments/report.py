@@ -83,24 +83,21 @@ def _flatness(d: Dict, n: Dict) -> str:
     flatter_max = d["hessian_top_eigenvalues"][0] < n["hessian_top_eigenvalues"][0]
     flatter_tr = d["hessian_trace"] < n["hessian_trace"]
     if flatter_max and flatter_tr:
-        text = "the dropout minimum is flatter: smaller top eigenvalue and smaller trace."
-    elif not flatter_max and not flatter_tr:
-        text = "the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
-    else:
-        text = "mixed: the two curvature measures disagree on which minimum is flatter."
-    return text
+        return "the dropout minimum is flatter: smaller top eigenvalue and smaller trace."
+    if not flatter_max and not flatter_tr:
+        return "the dropout minimum is NOT flatter: larger top eigenvalue and larger trace."
+    return "mixed: the two curvature measures disagree on which minimum is flatter."
 
 
 def _alignment(d: Dict) -> str:
     a = d.get("alignment")
-    text = ""
-    if a:
-        z = (a["cosine"] - a["null_mean"]) / a["null_std"] if a["null_std"] > 0 else float("inf")
-        text += (f" The dropout noise is aligned with the Hessian: cosine {a['cosine']:.3f}, "
-                 f"{z:.3g} null standard deviations above random orientation." if z > 3 else
-                 f" The dropout noise is not clearly aligned with the Hessian (cosine {a['cosine']:.3f}, "
-                 f"{z:.1f} null standard deviations above random orientation).")
-    return text
+    if not a:
+        return ""
+    z = (a["cosine"] - a["null_mean"]) / a["null_std"] if a["null_std"] > 0 else float("inf")
+    return (f" The dropout noise is aligned with the Hessian: cosine {a['cosine']:.3f}, "
+            f"{z:.3g} null standard deviations above random orientation." if z > 3 else
+            f" The dropout noise is not clearly aligned with the Hessian (cosine {a['cosine']:.3f}, "
+            f"{z:.1f} null standard deviations above random orientation).")
 
 
 def table(rows) -> str:
