@@ -239,7 +239,9 @@ def test_loglog_slope_recovers_power_law(fresh_seed):
     x = np.geomspace(0.1, 100, 30)
     y = 2.0 * x ** 1.5 * np.exp(0.05 * rng.standard_normal(30))
     slope, (lo, hi) = loglog_slope(x, y, seed=fresh_seed)
-    assert lo <= slope <= hi and abs(slope - 1.5) < 0.05 and lo < 1.5 < hi + 0.02
+    # One 95% interval misses the true slope in 1 draw of 20 (seed 3040584566: lo 1.5064): the check is that
+    # it lies within 0.02 of it (the slope's standard error here is ~0.005), on either side.
+    assert lo <= slope <= hi and abs(slope - 1.5) < 0.05 and lo - 0.02 < 1.5 < hi + 0.02
 
 
 @pytest.mark.gpu
