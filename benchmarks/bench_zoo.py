@@ -9,9 +9,11 @@ For each family of :mod:`zoo` (ResNet-18, ConvNeXt-atto, ViT-tiny, GPT-2, BERT, 
   gradient of ``gᵀv``);
 * ``double_backward_8``: k = 8 vectors on one graph (one ``create_graph`` gradient, then one
   backward per vector, the graph retained) -- the best double backward can do;
-* ``func_8``: ``torch.func`` forward-over-reverse, ``vmap(jvp(grad))`` over k = 8;
+* ``func_1`` / ``func_8``: ``torch.func`` forward-over-reverse, ``jvp(grad)`` for one vector and
+  ``vmap(jvp(grad))`` over k = 8;
 * ``dropflat_matvec`` / ``dropflat_matmat``: ``HessianOperator`` with ``engine="auto"`` (its choice,
-  made on the first product, is in ``extra_info["engine"]``), one vector and k = 8;
+  made on the first product for the k of that product, is in ``extra_info["engine"]``), one vector
+  (an operator of its own) and k = 8;
 * ``dropflat_first_product``: a fresh operator's first ``matmat`` (k = 8), i.e. the self-check
   (gradient and one product against float64 double backward) plus the timing of every candidate
   engine, plus the product itself: what ``verify=True`` and ``engine="auto"`` cost once per operator.
@@ -51,12 +53,13 @@ against each other. The noise table is printed with the one above; ``python benc
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -87,6 +90,7 @@ class Setup:
     op: dropflat.HessianOperator
     V: torch.Tensor
     reference: torch.Tensor
+    matvec_op: Optional[dropflat.HessianOperator] = None  # an operator whose first product was one vector
 
 
 _SETUPS: Dict[str, Setup] = {}
@@ -101,6 +105,14 @@ def get_setup(name: str) -> Setup:
         V = torch.randn(op.shape[0], K, generator=torch.Generator().manual_seed(1))
         _SETUPS[name] = Setup(fam, params, op, V, op.matmat(V))  # the first product chooses the engine
     return _SETUPS[name]
+
+
+def matvec_operator(s: Setup) -> dropflat.HessianOperator:
+    """An operator of its own for ``matvec``: ``engine="auto"`` chooses on its first product, for the k at hand."""
+    if s.matvec_op is None:
+        s.matvec_op = dropflat.HessianOperator(s.family.model, s.family.loader, s.family.loss_fn)
+        s.matvec_op.matvec(s.V[:, 0])
+    return s.matvec_op
 
 
 def gradient(s: Setup):
@@ -146,7 +158,10 @@ def func_products(s: Setup, V: torch.Tensor) -> torch.Tensor:
     g = grad(loss)
     parts = [t.movedim(-1, 0) for t in dropflat.unflatten(V, [named[n] for n in names])]
     with math_attention():
-        hv = vmap(lambda t: jvp(g, (named,), (t,))[1])(dict(zip(names, parts)))
+        if V.shape[1] == 1:  # one vector: plain jvp, no vmap
+            hv = {n: h[None] for n, h in jvp(g, (named,), ({n: t[0] for n, t in zip(names, parts)},))[1].items()}
+        else:
+            hv = vmap(lambda t: jvp(g, (named,), (t,))[1])(dict(zip(names, parts)))
     return torch.cat([hv[n].reshape(V.shape[1], -1) for n in names], 1).T
 
 
@@ -162,7 +177,8 @@ def record(benchmark, s: Setup, method: str, vectors: int, err=None, **extra):
     benchmark.extra_info.update(family=s.family.name, description=s.family.description, method=method,
                                 num_params=s.op.shape[0], vectors=vectors, per_vector_s=per_vector,
                                 grad_pass_s=unit, per_vector_grad_passes=per_vector / unit,
-                                engine=s.op.engine, max_rel_diff_vs_dropflat=err, **extra)
+                                engine=(s.matvec_op if method == "dropflat_matvec" else s.op).engine,
+                                max_rel_diff_vs_dropflat=err, **extra)
 
 
 def run(benchmark, fn):
@@ -208,8 +224,14 @@ def test_func_8(benchmark, name):
 
 
 @FAMILIES
+def test_func_1(benchmark, name):
+    checked_and_timed(benchmark, name, "func_1", func_products, 1)
+
+
+@FAMILIES
 def test_dropflat_matvec(benchmark, name):
-    checked_and_timed(benchmark, name, "dropflat_matvec", lambda s, V: s.op.matvec(V[:, 0])[:, None], 1)
+    checked_and_timed(benchmark, name, "dropflat_matvec",
+                      lambda s, V: matvec_operator(s).matvec(V[:, 0])[:, None], 1)
 
 
 @FAMILIES
@@ -564,7 +586,7 @@ def test_noise_gram(benchmark, name, path):
 
 # ---------------------------------------------------------------------- the table for RESULTS.md
 
-BASELINES = ("double_backward_1", "double_backward_8", "func_8")
+BASELINES = ("double_backward_1", "double_backward_8", "func_8")  # per vector, for matmat
 
 
 def table(path: str) -> str:
@@ -577,8 +599,8 @@ def table(path: str) -> str:
         if "family" in info and "masks" not in info:  # the noise rows have their own table below
             by.setdefault(info["family"], {})[info["method"]] = info
     lines = ["| family | P | engine | auto `matvec` | auto `matmat` k=8 | double backward, 1 vector | "
-             "double backward, k=8 one graph | `torch.func` k=8 | matmat / best baseline | self-check + "
-             "choice, gradient passes (once per operator) |", "|" + "---|" * 10]
+             "double backward, k=8 one graph | `torch.func` 1 vector | `torch.func` k=8 | matvec / best | "
+             "matmat / best | self-check + choice, gradient passes (once per operator) |", "|" + "---|" * 12]
     for fam in zoo.FAMILIES:
         m = by.get(fam)
         if not m:
@@ -587,6 +609,7 @@ def table(path: str) -> str:
         def gp(method, m=m):
             return m[method]["per_vector_grad_passes"] if method in m else float("nan")
         best = min(gp(b) for b in BASELINES)
+        best_1 = min(gp("double_backward_1"), gp("func_1"))
         first = m.get("dropflat_first_product")
         # what the first product costs beyond a served one: the self-check and the timing of the candidates
         first_gp = (first["per_vector_s"] - m["dropflat_matmat"]["per_vector_s"]) * K / first["grad_pass_s"] \
@@ -594,7 +617,8 @@ def table(path: str) -> str:
         any_info = next(iter(m.values()))
         lines.append(f"| {any_info['description']} | {any_info['num_params']:,} | {any_info['engine']} | "
                      f"{gp('dropflat_matvec'):.2f} | {gp('dropflat_matmat'):.2f} | {gp('double_backward_1'):.2f} | "
-                     f"{gp('double_backward_8'):.2f} | {gp('func_8'):.2f} | {gp('dropflat_matmat') / best:.2f} | "
+                     f"{gp('double_backward_8'):.2f} | {gp('func_1'):.2f} | {gp('func_8'):.2f} | "
+                     f"{gp('dropflat_matvec') / best_1:.2f} | {gp('dropflat_matmat') / best:.2f} | "
                      f"{first_gp:.1f} |")
     lanczos = {(i["family"], i["method"]): i for b in benches for i in [b.get("extra_info", {})]
                if str(i.get("method", "")).startswith("lanczos_")}
@@ -691,10 +715,16 @@ def interleaved(name: str, rounds: int = 3) -> str:
     On a shared machine the load drifts; interleaving puts every method under the same drift.
     """
     s = get_setup(name)
+    v = s.V[:, :1]
     methods = {"gradient": lambda: gradient(s), "dropflat_matmat": lambda: s.op.matmat(s.V),
-               "double_backward_8": lambda: double_backward(s, s.V), "func_8": lambda: func_products(s, s.V)}
-    for fn in methods.values():
-        fn()
+               "double_backward_8": lambda: double_backward(s, s.V), "func_8": lambda: func_products(s, s.V),
+               "dropflat_matvec": lambda: matvec_operator(s).matvec(v[:, 0])[:, None],
+               "double_backward_1": lambda: double_backward(s, v), "func_1": lambda: func_products(s, v)}
+    for m, fn in methods.items():  # warm-up, and every product checked against dropflat's (untimed)
+        out = fn()
+        if m != "gradient":
+            err = rel_diff(out, s.reference[:, :out.shape[1]])
+            assert err < CHECK_RTOL, f"{name}: {m} differs from dropflat's product by {err:.2e}"
     times = {m: [] for m in methods}
     for _ in range(rounds):
         for m, fn in methods.items():
@@ -702,16 +732,25 @@ def interleaved(name: str, rounds: int = 3) -> str:
             fn()
             times[m].append(time.perf_counter() - t0)
     unit = statistics.median(times["gradient"])
-    gp = {m: statistics.median(t) / (1 if m == "gradient" else K) / unit for m, t in times.items()}
-    best = min(gp["double_backward_8"], gp["func_8"])
-    return (f"| {s.family.description} | {s.op.engine} | {gp['dropflat_matmat']:.2f} | {gp['double_backward_8']:.2f} | "
-            f"{gp['func_8']:.2f} | {gp['dropflat_matmat'] / best:.2f} |")
+    gp = {m: statistics.median(t) / (K if m.endswith(("_8", "matmat")) else 1) / unit for m, t in times.items()}
+    best_1, best_8 = min(gp["double_backward_1"], gp["func_1"]), min(gp["double_backward_8"], gp["func_8"])
+    return (f"| {s.family.description} | {matvec_operator(s).engine} | {gp['dropflat_matvec']:.2f} | "
+            f"{gp['double_backward_1']:.2f} | {gp['func_1']:.2f} | **{gp['dropflat_matvec'] / best_1:.2f}** | "
+            f"{s.op.engine} | {gp['dropflat_matmat']:.2f} | {gp['double_backward_8']:.2f} | {gp['func_8']:.2f} | "
+            f"**{gp['dropflat_matmat'] / best_8:.2f}** |")
+
+
+INTERLEAVED_HEADER = ("| family | k=1 engine | auto `matvec` | double backward, 1 vector | `torch.func` 1 vector | "
+                      "matvec / best | k=8 engine | auto `matmat` k=8 | double backward, k=8 one graph | "
+                      "`torch.func` k=8 | matmat / best |\n|" + "---|" * 11)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--interleaved":  # python benchmarks/bench_zoo.py --interleaved gpt2 bert ...
+        rounds = int(os.environ.get("ZOO_ROUNDS", "3"))
+        print(f"{rounds} rounds, medians; per vector, in gradient passes\n" + INTERLEAVED_HEADER, flush=True)
         for family in sys.argv[2:] or zoo.FAMILIES:
-            print(interleaved(family), flush=True)
+            print(interleaved(family, rounds), flush=True)
     elif sys.argv[1] == "--interleaved-noise":  # python benchmarks/bench_zoo.py --interleaved-noise gpt2 bert vit
         print(noise_header())
         for family in sys.argv[2:] or ["gpt2", "bert", "vit"]:

@@ -23,7 +23,7 @@ from typing import Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["flatten", "unflatten", "select_parameters", "num_parameters"]
+__all__ = ["flatten", "unflatten", "unflatten_rows", "select_parameters", "num_parameters"]
 
 ParamSpec = Optional[Union[Iterable[str], Iterable[torch.Tensor]]]
 
@@ -93,4 +93,17 @@ def unflatten(vector: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.
         out.append(vector[start:start + n].reshape(*s, *trailing))
         start += n
     return out
+
+
+def unflatten_rows(block: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Split a ``[k, P]`` block (one flat vector per row) into views of shape ``[k, *p.shape]``.
+
+    The layout every Hessian engine takes its ``k`` directions in; views, no copy, when ``block`` is
+    contiguous.
+
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> [tuple(t.shape) for t in unflatten_rows(torch.zeros(4, 8), lin.parameters())]
+    [(4, 2, 3), (4, 2)]
+    """
+    return [t.movedim(-1, 0) for t in unflatten(block.T, like)]
 

@@ -197,3 +197,35 @@ def test_mean_loss_is_the_sample_weighted_mean(fresh_seed):
     # Under masks it agrees with the loss that loss_and_gradient reports (same masks, other code path).
     ml = ModelLoss(model, loader, dropout="mean", num_masks=3, mask_seed=fresh_seed)
     assert ml.mean_loss() == pytest.approx(ml.loss_and_gradient()[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("first,again,expected,retimed", [
+    # seconds per engine: first timing, second timing (only taken within 1.25x of the fastest)
+    ({"rop": 1.0, "autograd": 1.1, "func": 3.0}, {"rop": 1.2, "autograd": 0.9}, "autograd", {"rop", "autograd"}),
+    ({"rop": 1.0, "autograd": 2.0, "func": 3.0}, {}, "rop", set()),  # a clear winner: no second timing
+    ({"rop": 1.0, "autograd": 1.2, "func": 1.1}, {"rop": 1.5, "autograd": 1.3, "func": 0.8}, "func",
+     {"rop", "autograd", "func"}),
+])
+def test_auto_picks_the_fastest_verified_engine_timing_close_calls_twice(first, again, expected, retimed,
+                                                                        monkeypatch, fresh_seed):
+    from dropflat.operators import hessian
+    from dropflat.operators.selection import Candidate
+
+    calls = []
+
+    def scripted(name, run_record, tangents, rules=None, repeat=1, chunk_of=None):
+        seconds = (again if name in calls else first)[name]
+        calls.append(name)
+        return Candidate(name, tangents[0].shape[0], record_s=0.0, product_s=seconds)
+
+    monkeypatch.setattr(hessian, "time_engine", scripted)
+    model, loader = make_case("mlp-relu", fresh_seed)
+    H = dropflat.HessianOperator(model, loader, engine="auto")
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    H_ref = dense_hessian(model, loader)
+    assert rel(H.matmat(V), H_ref @ V) < 1e-10, f"seed {fresh_seed}"
+    m = H.manifest
+    assert m["engine"] == expected, f"seed {fresh_seed}: {m}"
+    assert {n for n in calls if calls.count(n) == 2} == retimed and len(calls) == len(first) + len(retimed)
+    kept = {c["engine"]: c["product_s"] for c in m["candidates"]}
+    assert kept == {n: min(first[n], again.get(n, first[n])) for n in first}

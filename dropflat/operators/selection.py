@@ -43,10 +43,11 @@ class Candidate:
     check: Optional[Check] = None
     error: Optional[str] = None     # why it could not run
 
-    def cost(self, retained: bool) -> float:
+    def cost(self, retained: bool, calls: int = 1) -> float:
+        """Seconds to serve ``calls`` timed blocks of products (plus one primal pass unless it is retained)."""
         if self.product_s is None:
             return float("inf")
-        return self.product_s + (0.0 if retained or self.record_s is None else self.record_s)
+        return self.product_s * calls + (0.0 if retained or self.record_s is None else self.record_s)
 
     def to_dict(self) -> dict:
         out = asdict(self)
