@@ -52,6 +52,7 @@ against each other. The noise table is printed with the one above; ``python benc
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -596,7 +597,8 @@ def table(path: str) -> str:
     by = {}
     for b in benches:
         info = b.get("extra_info", {})
-        if "family" in info and "masks" not in info:  # the noise rows have their own table below
+        if "family" in info and "masks" not in info and not str(info.get("method", "")).startswith("lanczos_"):
+            # the noise and Lanczos rows have their own tables below
             by.setdefault(info["family"], {})[info["method"]] = info
     lines = ["| family | P | engine | auto `matvec` | auto `matmat` k=8 | double backward, 1 vector | "
              "double backward, k=8 one graph | `torch.func` 1 vector | `torch.func` k=8 | matvec / best | "
@@ -751,9 +753,13 @@ if __name__ == "__main__":
         print(f"{rounds} rounds, medians; per vector, in gradient passes\n" + INTERLEAVED_HEADER, flush=True)
         for family in sys.argv[2:] or zoo.FAMILIES:
             print(interleaved(family, rounds), flush=True)
+            _SETUPS.pop(family)  # one family's models, operators and products at a time (6 at once: 24 GiB, OOM)
+            gc.collect()
     elif sys.argv[1] == "--interleaved-noise":  # python benchmarks/bench_zoo.py --interleaved-noise gpt2 bert vit
         print(noise_header())
         for family in sys.argv[2:] or ["gpt2", "bert", "vit"]:
             print(interleaved_noise(family), flush=True)
+            _NOISE.pop(family)
+            gc.collect()
     else:
         print(table(sys.argv[1]))
