@@ -241,3 +241,14 @@ def test_each_engine_matches_dense_for_one_and_several_vectors(engine, k, fresh_
     got = H.matvec(V[:, 0])[:, None] if k == 1 else H.matmat(V)
     assert H.engine == engine
     assert rel(got, dense_hessian(model, loader) @ V) < 1e-10, f"seed {fresh_seed}"
+
+
+def test_non_finite_product_is_refused():
+    # sqrt(|z|) at z = 0: the loss is finite (0), its curvature is not.
+    model = nn.Linear(3, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    loader = [(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64))]
+    H = dropflat.HessianOperator(model, loader, lambda out, y: (out - y).abs().sqrt().mean(), engine="autograd",
+                                 verify=False)
+    with pytest.raises(FloatingPointError, match="non-finite entries"):
+        H.matvec(torch.ones(3, dtype=torch.float64))

@@ -198,7 +198,9 @@ class HessianOperator(LinearOperator):
             if not cache.agreed(self.loss):  # some rank could not retain its graphs: all ranks recompute
                 cache.graphs.clear()
                 cache.accepting = cache.complete = False
-        if not torch.isfinite(out).all():
+        # A sum is one read of the block and turns non-finite if any entry is (or, in theory, on overflow:
+        # confirmed entry by entry); isfinite().all() writes a P x k mask first.
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise FloatingPointError(
                 f"the Hessian product has non-finite entries ({self.engine} engine); the loss is finite, so "
                 "an op's derivative is not (e.g. sqrt or log at 0, a max over ties); check the model")
