@@ -49,6 +49,11 @@ The torch.func gradients are checked against dropflat's per-mask gradients (unti
 are timed, and each Gram's per-mask block against them (``1ᵀ K_s 1 / n² = ‖ḡ_s‖²``) and the two Grams
 against each other. The noise table is printed with the one above; ``python benchmarks/bench_zoo.py
 --interleaved-noise gpt2 bert vit`` gives the same rows from interleaved timing.
+
+On a shared machine the interleaved form is the one to quote: ``ZOO_ROUNDS=5 python
+benchmarks/bench_zoo.py --interleaved [FAMILY...]`` runs every product method once per round (rounds
+interleave the methods, so they share the load's drift) and prints medians per vector, ``matvec``
+(an operator that chose its engine for one vector) and ``matmat`` k = 8, each over its best baseline.
 """
 from __future__ import annotations
 

@@ -252,3 +252,44 @@ def test_non_finite_product_is_refused():
                                  verify=False)
     with pytest.raises(FloatingPointError, match="non-finite entries"):
         H.matvec(torch.ones(3, dtype=torch.float64))
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with forward- and reverse-mode rules but no vmap rule: vmap refuses it, plain jvp does not."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.x = inputs[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 3 * ctx.x ** 2 * t
+
+
+class _NoVmapRule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _Cube.apply(self.lin(x))
+
+
+def test_func_engine_serves_several_directions_where_vmap_refuses(fresh_seed):
+    torch.manual_seed(fresh_seed)
+    model = _NoVmapRule().double()
+    loader = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    H = dropflat.HessianOperator(model, loader, engine="func")
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    ref = dropflat.HessianOperator(model, loader, engine="autograd").matmat(V)
+    assert rel(H.matmat(V), ref) < 1e-10, f"seed {fresh_seed}"
