@@ -208,9 +208,18 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, fresh_seed):
 
     script = tmp_path / "job.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), seed=fresh_seed, out=str(tmp_path)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def launch():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script)], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    proc = launch()
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen once in ~15 clean-clone runs (seed 2941565763, which then passed 4 of 4): a rank aborted in
+        # the C++ runtime (a joinable thread destroyed), not a wrong number. Launched once more; a second
+        # abort, or any other failure, fails the test.
+        print("rank aborted in the runtime (std::terminate); launching once more:\n" + proc.stderr[-1500:])
+        proc = launch()
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ref, *_ = compute(fresh_seed)
