@@ -594,8 +594,10 @@ def test_errors():
 
 
 def _coupled(out, y):
-    """A legal loss whose per-sample terms are not independent: logits centred on the batch mean."""
-    return F.cross_entropy(out - out.mean(0, keepdim=True), y)
+    """A legal loss whose per-sample terms are not independent: logits centred on the batch mean, plus a
+    term scaled by the batch size. The centring alone can hide below the check's tolerance where the
+    outputs hardly vary across samples (conv2d, seed 1267445026); the second term cannot."""
+    return F.cross_entropy(out - out.mean(0, keepdim=True), y) + F.cross_entropy(out, y) / out.shape[0]
 
 
 @pytest.mark.parametrize("loss_fn", [lambda out, y: F.cross_entropy(out, y, reduction="sum"), _coupled],
