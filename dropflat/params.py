@@ -23,7 +23,7 @@ from typing import Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["flatten", "unflatten", "unflatten_rows", "select_parameters", "num_parameters"]
+__all__ = ["flatten", "unflatten", "unflatten_rows", "as_rows", "select_parameters", "num_parameters"]
 
 ParamSpec = Optional[Union[Iterable[str], Iterable[torch.Tensor]]]
 
@@ -93,6 +93,30 @@ def unflatten(vector: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.
         out.append(vector[start:start + n].reshape(*s, *trailing))
         start += n
     return out
+
+
+# Rows of P entries copied per step of :func:`as_rows`: the source block (ROW_BLOCK x k) and its
+# transpose stay in cache. ConvNeXt-atto's 3.4M x 8 block: 12 ms in 64K-row steps against 31 ms for one
+# strided copy_ (and 39-96 ms for .T.contiguous(), which also allocates).
+ROW_BLOCK = 1 << 16
+
+
+def as_rows(columns: torch.Tensor) -> torch.Tensor:
+    """A ``[P, k]`` block of column vectors as a contiguous ``[k, P]`` block (one vector per row).
+
+    >>> as_rows(torch.arange(6.0).reshape(3, 2))
+    tensor([[0., 2., 4.],
+            [1., 3., 5.]])
+    """
+    P, k = columns.shape
+    if k == 1 or columns.T.is_contiguous():
+        return columns.T.contiguous()
+    rows = torch.empty((k, P), dtype=columns.dtype, device=columns.device)
+    if columns.device.type != "cpu":
+        return rows.copy_(columns.T)
+    for start in range(0, P, ROW_BLOCK):
+        rows[:, start:start + ROW_BLOCK].copy_(columns[start:start + ROW_BLOCK].T)
+    return rows
 
 
 def unflatten_rows(block: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.Tensor]:

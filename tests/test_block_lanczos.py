@@ -62,7 +62,9 @@ def check_pairs(A, spec, tol):
     k = V.shape[1]
     assert torch.allclose(V.T @ V, torch.eye(k, dtype=V.dtype), atol=1e-10)  # orthonormal Ritz vectors
     explicit = (A @ V - V * spec.eigenvalues).norm(dim=0)
-    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=1e-13)
+    # Certified from the run's products: the explicit residuals up to the orthogonalisation's rounding.
+    rounding = 1000 * torch.finfo(A.dtype).eps * float(torch.linalg.matrix_norm(A, 2))
+    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=rounding)
     assert torch.all(explicit <= tol * spec.eigenvalues.abs() + 1e-12)
 
 
@@ -120,13 +122,13 @@ def test_k_not_a_multiple_of_block_size_with_restarts(which, fresh_seed):
     counted = Counting(A)
     spec = block_lanczos(counted, k=k, which=which, block_size=3, ncv=22, tol=tol, max_iter=6000,
                          seed=fresh_seed, eigenvectors=True)
-    assert counted.vectors - k > 22  # more vectors than the basis holds: it restarted
+    assert counted.vectors > 22  # more vectors than the basis holds: it restarted
     np.testing.assert_allclose(spec.eigenvalues.numpy(), expected_values(eigs, k, which), rtol=1e-7)
     assert spec.all_converged
     check_pairs(A, spec, tol)
-    # Bookkeeping: every call but the final one (k Ritz vectors) multiplies one block of 3.
+    # Bookkeeping: every call multiplies one block of 3 (certified residuals: no final call on the Ritz vectors).
     assert spec.manifest["n_calls"] == counted.calls
-    assert spec.n_matvecs == counted.vectors == 3 * (counted.calls - 1) + k
+    assert spec.n_matvecs == counted.vectors == 3 * counted.calls
 
 
 def test_float32_operator(fresh_seed):

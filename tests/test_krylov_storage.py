@@ -281,7 +281,8 @@ def test_resume_with_storage_options_is_bit_identical(tmp_path, fresh_seed, opti
               block_size=block_size, **options)
     ref = dropflat.lanczos(Flaky(A), **kw)
     n, L = ref.n_matvecs, ref.n_matvecs // 3
-    assert L >= 3 and 2 * L < n - 3
+    final = 3 if ref.manifest["residuals"] == "explicit" else 0  # rounded stores: the k = 3 Ritz vectors' call
+    assert L >= 3 and 2 * L < n - final
     every = 3 // block_size  # calls between saves: every 3 products for b = 1, every block for b = 3
     got = resume_until_done(lambda op: dropflat.lanczos(op, **kw, checkpoint=path, checkpoint_every=every),
                             lambda lim: Flaky(A, lim), [L, L])
@@ -355,7 +356,9 @@ def test_every_storage_option_for_blocks_against_eigh(block_size, storage_option
     assert spec.manifest["basis"]["dtype"] == str(options.get("basis_dtype", torch.float64))
     V = spec.eigenvectors.T
     explicit = (A @ V - V * spec.eigenvalues).norm(dim=0)
-    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=1e-13)
+    # Certified (orthonormal stores) or explicit (rounded ones): the explicit residuals up to rounding.
+    rounding = 1000 * torch.finfo(A.dtype).eps * float(torch.linalg.matrix_norm(A, 2))
+    np.testing.assert_allclose(spec.residuals.numpy(), explicit.numpy(), rtol=1e-8, atol=rounding)
     assert torch.all(explicit <= tol * spec.eigenvalues.abs() + 1e-12)
     # A Ritz value with residual r is within r of an eigenvalue; the top four are separated by >= 0.8.
     assert np.all(np.abs(spec.eigenvalues.numpy() - w[:4]) <= explicit.numpy() + 1e-12)

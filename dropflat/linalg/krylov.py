@@ -23,6 +23,24 @@ replaced by a fresh seeded random one (zero row in ``B``).
 holds again with ``T = diag(Θ_l)`` and coupling ``B_m Y_l``, and the next step
 continues from the same next block.
 
+**Residuals certified from the products already computed.** The relation
+above assumes ``VᵀAV`` symmetric. Each step measures that: the new columns
+``h = VᵀAx`` hold the coefficients ``vᵢᵀAx``, and the coupling row they replace
+holds ``xᵀAvᵢ``, read off earlier products. Their difference (and the
+asymmetric part of the new diagonal block) is the *defect* ``Δ`` of the stored
+``T``: exactly ``A V = V (T + Δ) + X B`` up to the rounding of the
+orthogonalisation. A Ritz pair ``(θ, x = Vy)`` therefore has the residual
+
+.. math::
+
+    ‖Ax - θx‖ = \sqrt{‖By‖^2 + ‖Δy‖^2} \quad (\text{plus the restarted terms below}),
+
+computed from the products of the run, with no further call. A thick restart
+keeps ``YᵀΔY`` and moves the part of ``ΔY`` outside the kept vectors to a list
+of Gram matrices ``Γ`` (one per restart, carried through later restarts), which
+add ``Σ √(yᵀΓy)`` (triangle inequality). For a symmetric, deterministic operator
+``Δ`` is at rounding level; an asymmetric or non-deterministic one shows in it.
+
 **Where the vectors live** is a :class:`~dropflat.linalg.storage.BasisStore`'s
 business (device or host memory, working or reduced precision, all rows or one
 rank's); this module only asks it for ``Vᵀw``, ``w - Vg`` and ``VY``.
@@ -153,6 +171,9 @@ class KrylovBasis:
         self.store = store
         self.T = np.zeros((ncols, ncols))
         self.M = np.zeros((ncols, ncols)) if store.layout.rounds else None
+        # The defect of T (see the module notes): in the basis, and outside it after restarts. Orthonormal only.
+        self.defect = np.zeros((ncols, ncols))
+        self.outside = []
         self.betas = []  # b = 1: the Lanczos β's, the off-diagonal of the tridiagonal (SLQ's quadrature)
         self.m = 0
         self.width = 0
@@ -180,6 +201,9 @@ class KrylovBasis:
                  "n_calls": self.n_calls, "seed": self._seed}
         if self.M is not None:
             state["M"] = torch.from_numpy(self.M.copy())
+        state["defect"] = torch.from_numpy(self.defect.copy())
+        state["outside"] = torch.from_numpy(np.stack(self.outside)) if self.outside else \
+            torch.zeros((0,) + self.defect.shape, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -199,6 +223,8 @@ class KrylovBasis:
         # (files from before blocks: one vector per call, the next one always there)
         self.width = int(state.get("width", 1))
         self.n_calls = int(state.get("n_calls", self.n_matvecs))
+        self.defect[:] = state["defect"].numpy() if "defect" in state else 0.0
+        self.outside = [g.numpy().copy() for g in state["outside"]] if "outside" in state else []
 
     # -- state -----------------------------------------------------------------------------------------------------
     @property
@@ -265,8 +291,13 @@ class KrylovBasis:
         self.n_calls += 1
         W, H = self._orthogonalise(AX, m + w)
         H = H.detach().to("cpu", torch.float64).numpy().reshape(m + w, w)
-        H[m:] = 0.5 * (H[m:] + H[m:].T)  # the diagonal block XᵀAX is symmetric; rounding is not (b = 1: exact)
         new = m + w
+        if self.M is None:
+            # What symmetry assumes and the products say: the coupling row (xᵀAvᵢ, from earlier products) is
+            # replaced by vᵢᵀAx from this one, and the new diagonal block by its symmetric part.
+            self.defect[m:new, :m] = self.T[m:new, :m] - H[:m].T
+            self.defect[m:new, m:new] = 0.5 * (H[m:] - H[m:].T)
+        H[m:] = 0.5 * (H[m:] + H[m:].T)  # the diagonal block XᵀAX is symmetric; rounding is not (b = 1: exact)
         # A V = V T + X_next B: the new columns of T (and their mirror) are H; B is R, below the new block only.
         self.T[:new, m:new] = H
         self.T[m:new, :new] = H.T
@@ -399,6 +430,22 @@ class KrylovBasis:
             resid = np.linalg.norm(B @ Y, axis=0)
         return theta, Y, resid
 
+    def certified_residuals(self, Y: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+        """``‖A V y - θ V y‖`` for the columns ``y`` of ``Y`` (unit Ritz vectors), from the products of the run.
+
+        ``estimate``: :meth:`ritz`'s ``‖B y‖``. Adds the measured defect (module notes): ``√(‖By‖² + ‖Δy‖²)``
+        plus ``√(yᵀΓy)`` for each restart's part outside the basis. Orthonormal bases only (no ``M``).
+        """
+        if self.M is not None:
+            raise ValueError("certified residuals need an orthonormal basis; a rounded store computes them "
+                             "explicitly")
+        m = self.m
+        inside = np.linalg.norm(self.defect[:m, :m] @ Y, axis=0)
+        bound = np.sqrt(estimate ** 2 + inside ** 2)
+        for G in self.outside:
+            bound += np.sqrt(np.maximum(np.einsum("ij,ik,kj->j", Y, G[:m, :m], Y), 0.0))
+        return bound
+
     def vectors(self, Y: np.ndarray) -> torch.Tensor:
         """Ritz vectors ``V[:, :m] @ Y`` as columns: full length (gathered from every rank), working dtype."""
         return self.store.gather(self.store.vectors(Y, self.m))
@@ -413,6 +460,8 @@ class KrylovBasis:
         """
         kept, m, w = len(theta), self.m, self.width
         B = self.coupling @ Y
+        if self.M is None:
+            self._restart_defect(Y)
         rounding = self.store.recombine(Y, m, carry=m, width=w)
         self.T[:] = 0.0
         if self.M is None:
@@ -425,3 +474,21 @@ class KrylovBasis:
         self.T[kept:kept + w, :kept] = B
         self.T[:kept, kept:kept + w] = B.T
         self.m = kept
+
+    def _restart_defect(self, Y: np.ndarray) -> None:
+        """Carry the defect to the kept Ritz vectors ``U = VY``: ``VΔY = U(YᵀΔY) + (the part outside U)``."""
+        m, kept = Y.shape
+        DY = self.defect[:m, :m] @ Y
+        inside = Y.T @ DY
+        out = DY - Y @ inside
+        carried = [Y.T @ G[:m, :m] @ Y for G in self.outside]
+        gram = out.T @ out
+        if gram.any():
+            carried.append(gram)
+        self.defect[:] = 0.0
+        self.defect[:kept, :kept] = inside
+        self.outside = []
+        for G in carried:
+            full = np.zeros_like(self.defect)
+            full[:kept, :kept] = G
+            self.outside.append(full)

@@ -6,8 +6,11 @@ One loop for every block size ``b``: each step multiplies the newest block of
 (:class:`~dropflat.linalg.krylov.KrylovBasis`, wherever
 :class:`~dropflat.linalg.storage.BasisStore` keeps it) and factors the remainder
 into the next block. The Ritz pairs of ``T = VᵀAV`` have residuals ``‖B y‖``
-read off the coupling ``B`` of the next block. When the basis is full it is
-restarted thick (the ``keep`` most wanted Ritz vectors and the next block).
+read off the coupling ``B`` of the next block, plus the defect that the
+products themselves measure (the asymmetry of ``VᵀAV``; see
+:mod:`dropflat.linalg.krylov`), so the residuals are certified without a
+further call. When the basis is full it is restarted thick (the ``keep`` most
+wanted Ritz vectors and the next block).
 
 **Why blocks.** A model's Hessian costs one pass over the data per call however
 many vectors ride along (the ``b`` columns share the forward and backward
@@ -17,11 +20,12 @@ one direction of a degenerate eigenspace.
 
 **One stopping rule.** As in ARPACK, convergence is accepted only once a first
 full basis exists (no room for another block before a restart); then a wanted
-Ritz pair is converged when ``‖B y‖ <= tol·|θ|``. In a smaller Krylov space an
+Ritz pair is converged when its residual is ``<= tol·|θ|``. In a smaller Krylov space an
 eigenvalue whose eigenvector the start block barely touches can still be
 missing while its neighbour converges (seen on model Hessians at tol 1e-2:
-``λ₄`` returned as the third largest after 16 products). The final residuals
-``‖Av - λv‖`` are computed explicitly (one call on the ``k`` Ritz vectors).
+``λ₄`` returned as the third largest after 16 products). ``residuals="explicit"``
+recomputes the final residuals ``‖Av - λv‖`` with one more call on the ``k``
+Ritz vectors (``k`` more products); a basis stored in reduced precision always does.
 
 >>> import torch
 >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -54,6 +58,7 @@ from .storage import BasisStore, basis_layout, check_basis_memory
 __all__ = ["lanczos", "block_lanczos", "default_block_size", "choose_block_size"]
 
 WHICH = ("largest", "smallest", "magnitude")
+RESIDUALS = ("certified", "explicit")
 MAX_DEFAULT_BLOCK = 16
 BLOCK_CANDIDATES = (1, 2, 4, 8, 16)
 # Vectors block Lanczos multiplies relative to single-vector Lanczos, ``1 + (b - 1)/4``: measured 2.2x (power-law
@@ -170,7 +175,8 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
             eigenvectors: bool = False, seed: int = 0, progress: Optional[bool] = None,
             reuse: bool = True, checkpoint=None, checkpoint_every: int = 10, method: str = "auto",
             block_size: Optional[int] = None, basis_device: str = "device", basis_dtype: Optional[torch.dtype] = None,
-            basis_memory: Optional[int] = None, shard_vectors: bool = False, **operator_kwargs) -> Spectrum:
+            basis_memory: Optional[int] = None, shard_vectors: bool = False, residuals: str = "certified",
+            **operator_kwargs) -> Spectrum:
     """The ``k`` extreme eigenpairs of a model's Hessian, or of any symmetric operator.
 
     Parameters
@@ -242,9 +248,16 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
         full on every rank. A checkpoint is written per rank, to ``checkpoint + ".rank{r}"``.
         With a group of one process, or no group (an error), there is nothing to shard.
 
-    The final residuals are computed explicitly, ``‖A v - λ v‖`` (one more call, on the ``k``
-    Ritz vectors), so ``converged`` is checked, not assumed. The manifest records ``block_size``,
-    ``n_calls`` (operator calls, that final one included), ``block_choice`` and ``basis``.
+    residuals: how ``‖A v - λ v‖`` of the returned pairs is obtained, so that ``converged`` is
+        checked, not assumed. ``"certified"`` (default): from the products of the run, no further
+        call: the Krylov relation's coupling plus the defect the products measure (where ``VᵀAV``
+        computed one way differs from the other: an asymmetric or non-deterministic operator shows
+        there), exact up to the rounding of the orthogonalisation (:mod:`dropflat.linalg.krylov`).
+        ``"explicit"``: one more call, on the ``k`` Ritz vectors (``k`` more products). A basis stored
+        in reduced precision (``basis_dtype``) always computes them explicitly.
+
+    The manifest records ``block_size``, ``n_calls`` (operator calls, an explicit final one included),
+    ``residuals``, ``block_choice`` and ``basis``.
     """
     began = time.perf_counter()
     op = operator_for(model_or_op, loader, loss_fn, **operator_kwargs)
@@ -268,6 +281,9 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
                          "method='block' or 'auto'")
     if max_iter is not None and not max_iter >= 1:
         raise ValueError(f"max_iter must be positive, got {max_iter}")
+    if residuals not in RESIDUALS:
+        raise ValueError(f"residuals must be one of {RESIDUALS}, got {residuals!r}")
+
     def layout_for(b: int, ncv: int):
         """The layout of an ``ncv + b``-vector basis (validates the storage options)."""
         return basis_layout(op, ncv + b, device=basis_device, dtype=basis_dtype, shard=shard_vectors)
@@ -288,7 +304,7 @@ def lanczos(model_or_op, loader: Optional[Iterable] = None, k: int = 10, *, loss
                                               agree=_shared_by_ranks(op, layout.sharded))
         return _run(op, k, b, choice, which=which, tol=tol, max_iter=max_iter, ncv=ncv, eigenvectors=eigenvectors,
                     seed=seed, progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                    layout_for=layout_for, basis_memory=basis_memory, began=began)
+                    layout_for=layout_for, basis_memory=basis_memory, residuals=residuals, began=began)
 
 
 def block_lanczos(op, k: int = 10, *, block_size: Optional[int] = None, **kwargs) -> Spectrum:
@@ -310,7 +326,7 @@ def _saved_block_size(path) -> Optional[int]:
 
 
 def _run(op, k: int, b: int, choice: dict, *, which, tol, max_iter, ncv, eigenvectors, seed, progress, checkpoint,
-         checkpoint_every, layout_for, basis_memory, began) -> Spectrum:
+         checkpoint_every, layout_for, basis_memory, residuals, began) -> Spectrum:
     """The solver proper, for block size ``b`` (inside the operator's reuse context)."""
     P = op.shape[0]
     ncv = default_ncv(k, b, P) if ncv is None else min(P, ncv)
@@ -319,16 +335,19 @@ def _run(op, k: int, b: int, choice: dict, *, which, tol, max_iter, ncv, eigenve
                          f"for the kept Ritz vectors and one block), got {ncv}")
     max_iter = max_iter if max_iter is not None else b * max(300, 30 * k)
     layout = layout_for(b, ncv)
+    if layout.rounds:  # a rounded basis is not orthonormal: its residual estimate leaves out the rounding floor
+        residuals = "explicit"
     fp = None if checkpoint is None else operator_fingerprint(op)  # hashing only when checkpointing
     ck = open_checkpoint(layout.checkpoint_path(checkpoint), "lanczos", checkpoint_every, operator=fp, k=k,
                          which=which, tol=tol, max_iter=max_iter, ncv=ncv, seed=seed,
-                         **({} if b == 1 else {"block_size": b}), **layout.fingerprint())
+                         **({} if b == 1 else {"block_size": b}),
+                         **({} if residuals == "certified" else {"residuals": residuals}), **layout.fingerprint())
     saved = ck.load() if ck is not None else None
     resumed_from = 0
     if saved is not None and saved["complete"]:
         final = saved["state"]
         return _spectrum(final, which, tol, k, eigenvectors, op, began, seed, resumed_from=final["n_matvecs"],
-                         basis=layout.describe(), choice=choice)
+                         basis=layout.describe(), choice=choice, residuals=residuals)
 
     # Ritz pairs kept over a restart: the k wanted and half the rest of the basis (the next unwanted
     # ones, deflated, speed the wanted ones up), leaving room for at least one block.
@@ -350,7 +369,7 @@ def _run(op, k: int, b: int, choice: dict, *, which, tol, max_iter, ncv, eigenve
             before = basis.n_matvecs
             basis.expand()
             bar.update(basis.n_matvecs - before)
-            theta, Y, wanted, done = _ritz_step(basis, which, k, tol, op.dtype, bar)
+            theta, Y, resid, wanted, done = _ritz_step(basis, which, k, tol, op.dtype, bar, residuals)
             first_full = basis.n_matvecs + b > basis.size  # a first full basis has been built (see the notes)
             if ((first_full and done.all()) or basis.exhausted or basis.width == 0
                     or basis.n_matvecs + basis.width > max_iter):
@@ -362,21 +381,23 @@ def _run(op, k: int, b: int, choice: dict, *, which, tol, max_iter, ncv, eigenve
 
         if basis.m < k:
             raise RuntimeError(f"the Krylov space has dimension {basis.m} < k={k}; raise max_iter")
-        final = _checked_pairs(op, basis, theta, Y, wanted, tol)
-        final["n_calls"] = basis.n_calls + 1
+        final = _checked_pairs(op, basis, theta, Y, resid, wanted, tol, residuals)
     if ck is not None:
         ck.save(final, complete=True)
     return _spectrum(final, which, tol, k, eigenvectors, op, began, seed, resumed_from, basis=layout.describe(),
-                     choice=choice)
+                     choice=choice, residuals=residuals)
 
 
-def _ritz_step(basis, which: str, k: int, tol: float, dtype: torch.dtype, bar):
-    """``(θ, Y, wanted, done)``: the basis's Ritz pairs, the ``k`` wanted ones and which of those converged."""
+def _ritz_step(basis, which: str, k: int, tol: float, dtype: torch.dtype, bar, residuals: str):
+    """``(θ, Y, residuals, wanted, done)``: the basis's Ritz pairs and residuals (certified, or the estimate
+    ``‖B y‖`` where a final call computes them), the ``k`` wanted ones and which of those converged."""
     theta, Y, resid = basis.ritz()
+    if residuals == "certified":
+        resid = basis.certified_residuals(Y, resid)
     wanted = _order(theta, which)[:k]
     done = resid[wanted] <= _thresholds(theta, tol, dtype)[wanted]
     bar.set_postfix_str(f"converged {int(done.sum())}/{k}")
-    return theta, Y, wanted, done
+    return theta, Y, resid, wanted, done
 
 
 def _restart(basis, theta: np.ndarray, Y: np.ndarray, which: str, keep: int) -> None:
@@ -385,21 +406,27 @@ def _restart(basis, theta: np.ndarray, Y: np.ndarray, which: str, keep: int) -> 
     basis.restart(theta[chosen], Y[:, chosen])
 
 
-def _checked_pairs(op, basis, theta: np.ndarray, Y: np.ndarray, wanted: np.ndarray, tol: float) -> dict:
-    """The wanted Ritz pairs in descending order, with explicit residuals ``‖A x − λ x‖`` (one call)."""
+def _checked_pairs(op, basis, theta: np.ndarray, Y: np.ndarray, resid: np.ndarray, wanted: np.ndarray, tol: float,
+                   residuals: str) -> dict:
+    """The wanted Ritz pairs in descending order with their residuals ``‖A x − λ x‖``: certified (``resid``),
+    or computed explicitly (one call)."""
     order = wanted[np.argsort(-theta[wanted], kind="stable")]
     values = torch.tensor(theta[order], dtype=torch.float64)
     X = basis.vectors(Y[:, order])  # [P, k]
     X = X / X.norm(dim=0, keepdim=True)
-    AX = op.matmat(X)
-    residuals = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64)
-    converged = residuals <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
-    return {"eigenvalues": values, "X": X.detach().cpu(), "residuals": residuals, "converged": converged,
-            "n_matvecs": basis.n_matvecs + len(order)}
+    if residuals == "certified":
+        r, extra = torch.from_numpy(resid[order].copy()), 0
+    else:
+        AX = op.matmat(X)
+        r, extra = (AX - X * values.to(X.dtype).to(X.device)).norm(dim=0).to("cpu", torch.float64), len(order)
+    converged = r <= torch.from_numpy(_thresholds(theta, tol, op.dtype)[order])
+    return {"eigenvalues": values, "X": X.detach().cpu(), "residuals": r, "converged": converged,
+            "n_matvecs": basis.n_matvecs + extra, "n_calls": basis.n_calls + (1 if extra else 0)}
 
 
 def _spectrum(final: dict, which: str, tol: float, k: int, eigenvectors: bool, op, began: float, seed: int,
-              resumed_from: int, basis: Optional[dict] = None, choice: Optional[dict] = None) -> Spectrum:
+              resumed_from: int, basis: Optional[dict] = None, choice: Optional[dict] = None,
+              residuals: str = "explicit") -> Spectrum:
     """The :class:`Spectrum` of a finished run (fresh, or read back from a complete checkpoint)."""
     converged, n_matvecs = final["converged"], int(final["n_matvecs"])
     if not bool(converged.all()):
@@ -417,7 +444,8 @@ def _spectrum(final: dict, which: str, tol: float, k: int, eigenvectors: bool, o
                                  wall_time=time.perf_counter() - began, n_matvecs=n_matvecs,
                                  resumed_from=resumed_from, autocast=autocast_of(op),
                                  block_size=int(choice.get("block_size", 1)),
-                                 n_calls=int(final.get("n_calls", n_matvecs)), block_choice=choice)
+                                 n_calls=int(final.get("n_calls", n_matvecs)), residuals=residuals,
+                                 block_choice=choice)
     if basis is not None:
         spec.manifest["basis"] = basis
     return spec

@@ -164,17 +164,24 @@ def _column(t: Optional[Tensor], j: int, like: Tensor) -> Tensor:
 
 
 def add_products(out: Tensor, parts: Sequence[Optional[Tensor]], tangents: Sequence[Tensor],
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, accumulate: bool = True) -> None:
     """``out[k, P] += weight * products``: each parameter's ``[k, *shape]`` block (shaped like its
-    tangents) into its own columns.
+    tangents) into its own columns; ``accumulate=False``: ``out = weight * products`` (the first batch:
+    no zero-fill of ``out`` beforehand, no read of it).
 
     In place and per parameter: with ``P`` in the millions and a small batch, concatenating the
     blocks and adding the transpose cost a sizeable share of a gradient pass (ConvNeXt-atto, k = 8).
-    ``None`` (a parameter without curvature) leaves its columns as they are.
+    ``None`` (a parameter without curvature) leaves its columns as they are, or zeroes them.
     """
     k, start = out.shape[0], 0
     for h, t in zip(parts, tangents):
         n = t[0].numel()
-        if h is not None:
-            out[:, start:start + n].add_(h.reshape(k, n), alpha=weight)
+        cols = out[:, start:start + n]
+        if h is None:
+            if not accumulate:
+                cols.zero_()
+        elif accumulate:
+            cols.add_(h.reshape(k, n), alpha=weight)
+        else:
+            torch.mul(h.reshape(k, n), weight, out=cols)
         start += n

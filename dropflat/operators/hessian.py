@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 from ..memory import check_budget, fit_chunk
 from ..memory import default_budget as _default_budget
 from ..model_loss import ModelLoss
-from ..params import ParamSpec, unflatten_rows
+from ..params import ParamSpec, as_rows, unflatten_rows
 from .base import LinearOperator
 from .engines import ENGINES, EXACT_ENGINES, Primal, add_products
 from .engines import engine as engine_named
@@ -169,15 +169,19 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         # Directions as rows, [k, P]: each direction's parameters side by side, as the engines take them
         # (tangents [k, *shape] are views) and give them back (products add into their columns in place).
-        rows = V.T.contiguous()
+        rows = as_rows(V)
         tangents = unflatten_rows(rows, self.loss.param_shapes)
-        out = torch.zeros_like(rows)
+        # The first batch writes the products, later ones add: no zero-fill. A rank of a process group
+        # may own no batch and still joins the sum: zeros there.
+        sharded = self.loss.shard() is not None
+        out = torch.zeros_like(rows) if sharded else torch.empty_like(rows)
+        first = [not sharded]
         cache = self._cache
         if cache is not None and cache.complete:
             for weight, primal in cache.graphs:  # this rank's batches only
-                self._products(primal, weight, tangents, out)
+                self._products(primal, weight, tangents, out, first)
             self.loss.reduce_(out)
-            return out.div_(cache.num_samples).T
+            return out.div_(cache.num_samples).T  # the arithmetic of a fresh pass: the same bits
 
         def step(state, leaves, batch):
             if self.choice is None:
@@ -188,11 +192,13 @@ class HessianOperator(LinearOperator):
                 keep = cache is not None and cache.accepting and self.engine != "func"
                 primal = self._record(state, leaves, batch, m, measure=keep)
                 weight = batch.size / len(self.loss.mask_indices)
-                self._products(primal, weight, tangents, out)
+                self._products(primal, weight, tangents, out, first)
                 if keep:
                     cache.add(weight, primal)
 
         n = self.loss.evaluate(step, "Hessian products", sums=(out,))
+        if first[0]:  # no batch was served (evaluate refuses an empty loader; kept for safety)
+            out.zero_()
         if cache is not None:
             cache.finish(n, sharded=self.loss.shard() is not None)
             if not cache.agreed(self.loss):  # some rank could not retain its graphs: all ranks recompute
@@ -245,15 +251,16 @@ class HessianOperator(LinearOperator):
         self.peak_bytes = max(self.peak_bytes, chunk * per_vector + primal.nbytes)
         return chunk
 
-    def _products(self, primal: Primal, weight: float, tangents, out: torch.Tensor) -> None:
+    def _products(self, primal: Primal, weight: float, tangents, out: torch.Tensor, first: List[bool]) -> None:
         """Accumulate ``weight * (H_batch @ V).T`` into ``out [k, P]`` on one batch's primal pass, in chunks
-        that fit ``max_memory``."""
+        that fit ``max_memory``; ``first[0]``: ``out`` holds nothing yet, write instead (and clear the flag)."""
         k = out.shape[0]
         chunk = self._chunk(primal, k)
         eng = self._engine()
         for lo in range(0, k, chunk):
             block = [t[lo:lo + chunk] for t in tangents]
-            add_products(out[lo:lo + chunk], eng.products(primal, block), block, weight)
+            add_products(out[lo:lo + chunk], eng.products(primal, block), block, weight, accumulate=not first[0])
+        first[0] = False
 
     # ------------------------------------------------------------------ the first product: verify, choose
 
