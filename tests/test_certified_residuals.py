@@ -97,3 +97,33 @@ def test_certified_matches_explicit_on_a_float32_model_hessian():
 def test_residuals_option_is_checked():
     with pytest.raises(ValueError, match="residuals must be one of"):
         dropflat.lanczos(torch.eye(5, dtype=torch.float64), k=2, residuals="estimated")
+
+
+def test_a_checkpoint_without_the_defect_resumes_with_explicit_residuals(tmp_path, fresh_seed):
+    # A file written before certified residuals holds no defect for the steps it covers: the resumed run cannot
+    # certify them, so it computes the residuals explicitly (one more call) and says so.
+    class Dies(Matrix):
+        def __init__(self, matrix, limit):
+            super().__init__(matrix)
+            self.limit, self.calls = limit, 0
+
+        def _matmat(self, V):
+            self.calls += 1
+            if self.calls > self.limit:
+                raise KeyboardInterrupt
+            return super()._matmat(V)
+
+    rng = np.random.default_rng(fresh_seed)
+    A = known_matrix(np.concatenate([[10.0, 9.0, 8.2], rng.uniform(-2, 6, 97)]), fresh_seed)
+    path = tmp_path / "old.pt"
+    kw = dict(k=3, ncv=12, tol=1e-9, seed=fresh_seed, max_iter=2000, eigenvectors=True, checkpoint=path,
+              checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        dropflat.lanczos(Dies(A, 10), **kw)
+    blob = torch.load(path, weights_only=True)
+    for key in ("defect", "outside"):
+        del blob["state"]["basis"][key]
+    torch.save(blob, path)
+    spec = dropflat.lanczos(Dies(A, 10 ** 9), **kw)  # the same operator class: the same call
+    assert spec.manifest["resumed_from"] > 0 and spec.manifest["residuals"] == "explicit"
+    np.testing.assert_allclose(spec.residuals.numpy(), explicit_residuals(A, spec).numpy(), rtol=1e-6, atol=1e-12)

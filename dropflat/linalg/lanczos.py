@@ -361,6 +361,8 @@ def _run(op, k: int, b: int, choice: dict, *, which, tol, max_iter, ncv, eigenve
     if saved is not None:
         basis.load_state_dict(saved["state"]["basis"])
         resumed_from = basis.n_matvecs
+        if "defect" not in saved["state"]["basis"]:  # a file from before certified residuals: no defect so far
+            residuals = "explicit"
     desc = f"lanczos top-{k}" if b == 1 else f"block lanczos top-{k} (b={b})"
     bar = progress_bar(total=max_iter, enabled=resolve_progress(progress), desc=desc, unit="matvec",
                        initial=resumed_from)
