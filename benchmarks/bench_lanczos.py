@@ -32,14 +32,14 @@ what ``method="auto"`` chooses, on the GPU when there is one).
   (``max_iter=2k`` steps, no restart, ``which="LM"``).
 
 Accuracy is against a reference computed once: ``dropflat.lanczos(k=max k,
-tol=1e-5, ncv=4k+20)`` in float32, with its explicit residuals recorded (see
+tol=1e-5, ncv=4k+20)`` in float32, with its residuals recorded (see
 REF_TOL below for why not float64). It is cached under ``<repo>/.benchmarks/reference/`` keyed by a hash
 of the model's parameters and buffers, the data, and the torch version; set
 ``DROPFLAT_BENCH_NO_CACHE=1`` to recompute. ``extra_info`` holds, per method:
 ``seconds``, ``n_matvecs`` (Hessian-vector products; for dropflat also
-``passes``, its operator calls: its final residual check multiplies k
-vectors in one call, and with its retained first-order graphs only the
-first call is a forward pass over the data), ``seconds_per_pass`` (seconds
+``passes``, its operator calls: with its retained first-order graphs only the
+first call is a forward pass over the data; its residuals are certified from
+the run's products, no final call), ``seconds_per_pass`` (seconds
 over operator calls, or over products for the peers), ``max_rel_err`` (max over the top k of
 ``|λ_i - λ_i^ref| / |λ_i^ref|``, both sorted descending), and for the peers
 ``speed_ratio_vs_dropflat`` (peer seconds / dropflat seconds at the same k,
