@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from lanczos_golden import known_matrix
 
 import dropflat
 from dropflat.operators import LinearOperator
@@ -29,12 +30,6 @@ class Matrix(LinearOperator):
 
     def _matmat(self, V):
         return self.matrix @ V
-
-
-def known_matrix(eigs, seed):
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
-    return (Q * torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
 
 
 def explicit_residuals(A, spec):

@@ -200,7 +200,7 @@ class HessianOperator(LinearOperator):
         if first[0]:  # no batch was served (evaluate refuses an empty loader; kept for safety)
             out.zero_()
         if cache is not None:
-            cache.finish(n, sharded=self.loss.shard() is not None)
+            cache.finish(n, sharded=sharded)
             if not cache.agreed(self.loss):  # some rank could not retain its graphs: all ranks recompute
                 cache.graphs.clear()
                 cache.accepting = cache.complete = False
